@@ -1,0 +1,434 @@
+"""Property tests for srlora.py: each test name states the property it checks."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings, strategies as st
+
+from srlora import (ImportanceTracker, SRLoRAConfig, SRLoRALinear, apply_srlora, merge_srlora,
+                    n_recycle, recompose, switch_steps, top_singular)
+
+settings.register_profile("srlora", deadline=None, max_examples=30, derandomize=True)
+settings.load_profile("srlora")
+
+
+class Net(nn.Module):
+    """A small two-layer network with names like a transformer block's."""
+
+    def __init__(self, n_in=12, hidden=16, n_out=10, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.query = nn.Linear(n_in, hidden)
+        self.value = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, n_out)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.value(torch.tanh(self.query(x)))))
+
+
+@st.composite
+def layer_args(draw):
+    m = draw(st.integers(2, 24))
+    n = draw(st.integers(2, 24))
+    r = draw(st.integers(1, min(m, n)))
+    r_target = draw(st.integers(r, min(m, n) + 4))          # may exceed min(m, n): clamped
+    alpha = draw(st.sampled_from([0.5, 1.0, 2.0, 8.0, 16.0, 3.7]))
+    bias = draw(st.booleans())
+    seed = draw(st.integers(0, 2**16))
+    return m, n, r, r_target, alpha, bias, seed
+
+
+def make_layer(m, n, r, r_target, alpha, bias, seed, init="pissa", svd="full"):
+    torch.manual_seed(seed)
+    base = nn.Linear(n, m, bias=bias)
+    return base, SRLoRALinear(copy.deepcopy(base), r=r, alpha=alpha, r_target=r_target, init=init, svd=svd)
+
+
+def wrap(layer):
+    holder = nn.Module()
+    holder.layer = layer
+    return holder
+
+
+def randomize_scores(tracker, seed):
+    g = torch.Generator().manual_seed(seed)
+    for t in tracker.ibar + tracker.ubar:
+        t.copy_(torch.rand(t.shape, generator=g))
+
+
+def assert_same_weight(a, b):
+    scale = b.abs().max().clamp_min(1e-12)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale.item())
+
+
+# --- initialisation -------------------------------------------------------------------------
+
+@given(layer_args(), st.sampled_from(["pissa", "lora"]))
+def test_fresh_layer_computes_what_the_wrapped_linear_did(args, init):
+    base, layer = make_layer(*args, init=init)
+    x = torch.randn(7, base.in_features)
+    torch.testing.assert_close(layer(x), base(x), rtol=1e-5, atol=1e-5)
+
+
+@given(layer_args())
+def test_scaled_adapter_is_the_top_r_svd_part_of_w0(args):
+    m, n, r, r_target, alpha, bias, seed = args
+    base, layer = make_layer(*args)
+    U, S, Vh = torch.linalg.svd(base.weight.double(), full_matrices=False)
+    top_r = (U[:, :r] * S[:r]) @ Vh[:r]
+    torch.testing.assert_close((layer.scaling * layer.lora_B @ layer.lora_A).double(), top_r,
+                               rtol=1e-4, atol=1e-5)
+    assert layer.active_indices.tolist() == list(range(r)) and layer.next_index == r
+
+
+@given(layer_args())
+def test_lora_init_is_kaiming_a_and_zero_b_with_untouched_w(args):
+    base, layer = make_layer(*args, init="lora")
+    assert torch.equal(layer.weight, base.weight) and not layer.lora_B.any() and layer.lora_A.abs().sum() > 0
+    assert layer.U.numel() == 0 and layer.r_target == layer.r
+
+
+@settings(max_examples=10)
+@given(st.integers(0, 1000), st.sampled_from([(64, 48), (96, 128)]), st.integers(2, 12))
+def test_lowrank_svd_matches_full_svd_on_a_matrix_with_a_spectral_gap(seed, shape, k):
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape
+    Q1, _ = torch.linalg.qr(torch.randn(m, m, generator=g))
+    Q2, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    d = min(m, n)
+    spectrum = torch.cat([torch.linspace(10, 5, k), torch.linspace(0.5, 0.01, d - k)])  # gap after k
+    W = (Q1[:, :d] * spectrum) @ Q2[:, :d].T
+    U, S, Vh = top_singular(W, k, "lowrank")
+    torch.testing.assert_close(S, spectrum[:k], rtol=1e-4, atol=1e-4)
+    # Same subspace, whatever the signs: the projectors agree.
+    torch.testing.assert_close(U @ U.T, Q1[:, :k] @ Q1[:, :k].T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(Vh.T @ Vh, Q2[:, :k] @ Q2[:, :k].T, rtol=1e-4, atol=1e-4)
+
+
+def test_lowrank_svd_is_seeded_and_leaves_the_global_rng_alone():
+    W = torch.randn(80, 60)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    a = top_singular(W, 4, "lowrank")
+    assert torch.equal(torch.get_rng_state(), before)
+    b = top_singular(W, 4, "lowrank")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# --- recompose ------------------------------------------------------------------------------
+
+@given(layer_args(), st.sampled_from([0.1, 0.25, 0.5, 0.75, 1.0]), st.integers(0, 1000))
+def test_fuse_then_reinit_keeps_effective_weight(args, gamma, score_seed):
+    base, layer = make_layer(*args)
+    with torch.no_grad():                       # a trained adapter, not the initial one
+        layer.lora_A.add_(0.3 * torch.randn_like(layer.lora_A))
+        layer.lora_B.add_(0.3 * torch.randn_like(layer.lora_B))
+    model = wrap(layer)
+    tracker = ImportanceTracker(model)
+    randomize_scores(tracker, score_seed)
+    before = layer.effective_weight().detach().clone()
+    x = torch.randn(5, layer.in_features)
+    y_before = layer(x).detach()
+    events = recompose(model, tracker, gamma=gamma)
+    assert_same_weight(layer.effective_weight().detach(), before)
+    torch.testing.assert_close(layer(x).detach(), y_before, rtol=1e-4, atol=1e-4 * y_before.abs().max().item() + 1e-6)
+    k = n_recycle(layer.r, gamma)
+    if layer.r + k <= layer.r_target:
+        assert len(events) == 1 and len(events[0]["slots"]) == k
+        # The refilled slots hold exactly the scaled next singular directions (Eq. 11).
+        slots = torch.tensor(events[0]["slots"])
+        U, S, Vh = torch.linalg.svd(base.weight.double(), full_matrices=False)
+        new = (layer.scaling * layer.lora_B[:, slots] @ layer.lora_A[slots]).double()
+        ref = (U[:, layer.r:layer.r + k] * S[layer.r:layer.r + k]) @ Vh[layer.r:layer.r + k]
+        torch.testing.assert_close(new, ref, rtol=1e-4, atol=1e-5)
+    else:
+        assert events == []
+
+
+@given(layer_args(), st.sampled_from([0.25, 0.5, 1.0]), st.integers(1, 12), st.integers(0, 1000))
+def test_consumed_singular_indices_never_repeat_and_exhaustion_is_quiet(args, gamma, n_calls, seed):
+    base, layer = make_layer(*args)
+    model = wrap(layer)
+    tracker = ImportanceTracker(model)
+    ever_active = set(layer.active_indices.tolist())
+    before = layer.effective_weight().detach().clone()
+    for call in range(n_calls):                 # may run far past r_target
+        randomize_scores(tracker, seed + call)
+        for event in recompose(model, tracker, gamma=gamma):
+            assert not ever_active & set(event["brought_in"])
+            ever_active |= set(event["brought_in"])
+        active = layer.active_indices.tolist()
+        assert len(set(active)) == len(active)
+        assert layer.next_index <= layer.r_target
+    assert ever_active == set(range(layer.next_index))
+    assert_same_weight(layer.effective_weight().detach(), before)
+
+
+@given(st.integers(1, 5000), st.integers(1, 16), st.integers(1, 600), st.sampled_from([0.1, 0.25, 0.5, 0.75, 1.0]))
+def test_switch_steps_follow_eq_13_and_14(total, r, extra, gamma):
+    r_target = r + extra
+    steps = switch_steps(total, r, r_target, gamma)
+    k = n_recycle(r, gamma)
+    assert len(steps) == min((r_target - r) // k, total)
+    assert steps == sorted(set(steps)) and all(1 <= s <= total for s in steps)
+    if steps:
+        interval = total // len(steps)
+        assert steps == [interval * (i + 1) for i in range(len(steps))]
+        # Enough switches to bring in every direction up to r_target that fits in whole r' steps.
+        assert r + len(steps) * k <= r_target
+
+
+def test_switch_steps_are_empty_when_r_target_is_r():
+    assert switch_steps(1000, 8, 8, 0.5) == []
+
+
+# --- importance -----------------------------------------------------------------------------
+
+@given(st.integers(0, 1000), st.floats(0.0, 0.99), st.floats(0.0, 0.99), st.integers(1, 6))
+def test_tracker_scores_equal_direct_evaluation_of_eq_3_to_7(seed, beta1, beta2, n_steps):
+    g = torch.Generator().manual_seed(seed)
+    model = apply_srlora(Net(), targets=["query", "value"], r=3, r_target=9)
+    tracker = ImportanceTracker(model, beta1=beta1, beta2=beta2)
+    layers = [model.query, model.value]
+    ref = {id(p): [torch.zeros_like(p, dtype=torch.float64)] * 2 for l in layers for p in (l.lora_A, l.lora_B)}
+    for step in range(n_steps):
+        for l in layers:
+            for p in (l.lora_A, l.lora_B):
+                if step == 1 and p is l.lora_B:          # a parameter without a gradient is skipped
+                    p.grad = None
+                    continue
+                p.grad = torch.randn(p.shape, generator=g)
+                ibar, ubar = ref[id(p)]
+                sens = (p.detach().double() * p.grad.double()).abs()
+                ibar = beta1 * ibar + (1 - beta1) * sens
+                ubar = beta2 * ubar + (1 - beta2) * (sens - ibar).abs()
+                ref[id(p)] = [ibar, ubar]
+        tracker.update()
+    for l in layers:
+        (ia, ua), (ib, ub) = ref[id(l.lora_A)], ref[id(l.lora_B)]
+        expected = (ib * ub).mean(0) + (ia * ua).mean(1)
+        torch.testing.assert_close(tracker.pair_scores(l).double(), expected, rtol=1e-5, atol=1e-12)
+
+
+@given(st.integers(0, 1000), st.sampled_from(["recycled", "all"]))
+def test_recycled_slots_importance_is_reset_and_kept_slots_untouched(seed, reset):
+    model = apply_srlora(Net(), targets=["query", "value"], r=4, r_target=12)
+    tracker = ImportanceTracker(model)
+    randomize_scores(tracker, seed)
+    saved = [t.clone() for t in tracker.ibar + tracker.ubar]
+    events = {e["layer"]: e["slots"] for e in recompose(model, tracker, 0.5, reset=reset)}
+    L = len(tracker.layers)
+    for i, (name, layer) in enumerate(zip(tracker.names, tracker.layers)):
+        slots = events[name] if reset == "recycled" else list(range(layer.r))
+        kept = [k for k in range(layer.r) if k not in slots]
+        for ema, old in ((tracker.ibar, saved[:2 * L]), (tracker.ubar, saved[2 * L:])):
+            a, b = ema[i], ema[L + i]
+            assert not a[slots].any() and not b[:, slots].any()
+            assert torch.equal(a[kept], old[i][kept]) and torch.equal(b[:, kept], old[L + i][:, kept])
+
+
+# --- optimizer state ------------------------------------------------------------------------
+
+def trained(optim_name, seed=0, steps=3, **kw):
+    model = apply_srlora(Net(seed=seed), targets=["query", "value"], r=4, r_target=12, **kw)
+    tracker = ImportanceTracker(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (torch.optim.AdamW(params, lr=1e-3) if optim_name == "adamw"
+           else torch.optim.SGD(params, lr=1e-3, momentum=0.9))
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        model(torch.randn(8, 12)).pow(2).mean().backward()
+        tracker.update()
+        opt.step()
+        opt.zero_grad()
+    return model, tracker, opt
+
+
+@given(st.integers(0, 100), st.sampled_from(["keep", "reset"]), st.sampled_from(["adamw", "sgd"]))
+def test_optimizer_moments_follow_the_policy_slice_by_slice(seed, moments, optim_name):
+    model, tracker, opt = trained(optim_name, seed)
+    before = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in opt.state}
+    events = {e["layer"]: e["slots"] for e in recompose(model, tracker, 0.5, optimizer=opt, moments=moments)}
+    for name, layer in zip(tracker.names, tracker.layers):
+        slots = events[name]
+        kept = [k for k in range(layer.r) if k not in slots]
+        for p, rec, keep in ((layer.lora_A, (slots,), (kept,)), (layer.lora_B, (slice(None), slots), (slice(None), kept))):
+            for key, value in opt.state[p].items():
+                old = before[id(p)][key]
+                if value.shape != p.shape:              # AdamW's scalar step is never touched
+                    assert torch.equal(value, old)
+                    continue
+                assert torch.equal(value[keep], old[keep]), key
+                zeroed = key in ("exp_avg", "momentum_buffer") or (key == "exp_avg_sq" and moments == "reset")
+                assert (not value[rec].any()) if zeroed else torch.equal(value[rec], old[rec]), key
+
+
+def test_keep_policy_first_update_of_a_recycled_slot_is_no_larger_than_normal():
+    # The reason for the default: with AdamW's shared step counter, resetting exp_avg_sq makes
+    # the first update of a recycled slot ~3x a normal one; keeping it does not.
+    sizes = {}
+    for moments in ("keep", "reset"):
+        model, tracker, opt = trained("adamw", seed=1, steps=50)
+        for state in opt.state.values():        # move to step 10,000 with the same bias-corrected moments,
+            state["exp_avg"].div_(1 - 0.9 ** 50)     # so that AdamW's bias correction is saturated,
+            state["exp_avg_sq"].div_(1 - 0.999 ** 50)  # as it is late in a real run
+            state["step"].fill_(10_000)
+        events = recompose(model, tracker, 0.5, optimizer=opt, moments=moments)
+        slots = events[0]["slots"]
+        A = model.query.lora_A
+        before = A.detach().clone()
+        torch.manual_seed(99)
+        model(torch.randn(8, 12)).pow(2).mean().backward()
+        opt.step()
+        sizes[moments] = (A.detach() - before)[slots].abs() / opt.param_groups[0]["lr"]
+    assert sizes["keep"].max() < 1.0                                    # at most a normal Adam step
+    assert sizes["reset"].min() > 3.0                                   # (1 - 0.9) / sqrt(1 - 0.999) = 3.16
+
+
+# --- model-level API ------------------------------------------------------------------------
+
+def test_only_adapters_require_grad_after_apply_srlora():
+    model = apply_srlora(Net(), targets=["query", "value"], r=2, r_target=4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"query.lora_A", "query.lora_B", "value.lora_A", "value.lora_B"}
+
+
+@given(st.integers(0, 1000), st.sampled_from(["pissa", "lora"]))
+def test_apply_srlora_keeps_the_model_function(seed, init):
+    base = Net(seed=seed)
+    x = torch.randn(6, 12)
+    y = base(x)
+    model = apply_srlora(copy.deepcopy(base), targets=["query", "value", "head"], r=3, r_target=8, init=init)
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+
+
+@given(st.integers(0, 1000))
+def test_merge_srlora_keeps_the_outputs(seed):
+    model, tracker, _ = trained("adamw", seed)
+    recompose(model, tracker, 0.5)
+    x = torch.randn(6, 12)
+    y = model(x)
+    merged = merge_srlora(model)
+    assert not any(isinstance(m, SRLoRALinear) for m in merged.modules())
+    torch.testing.assert_close(merged(x), y, rtol=1e-5, atol=1e-5)
+    assert Net().load_state_dict(merged.state_dict(), strict=True)
+
+
+def test_state_dict_round_trip_resumes_identically():
+    def run(model, tracker, opt, steps, seed):
+        torch.manual_seed(seed)
+        for step in range(steps):
+            model(torch.randn(8, 12)).pow(2).mean().backward()
+            tracker.update()
+            opt.step()
+            opt.zero_grad()
+            if step % 3 == 2:
+                recompose(model, tracker, 0.5, optimizer=opt)
+
+    def fresh():
+        model = apply_srlora(Net(seed=3), targets=["query", "value"], r=4, r_target=16)
+        tracker = ImportanceTracker(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        return model, tracker, opt
+
+    a = fresh()
+    run(*a, steps=6, seed=1)
+    saved = copy.deepcopy((a[0].state_dict(), a[1].state_dict(), a[2].state_dict()))
+    b = fresh()
+    b[0].load_state_dict(saved[0])
+    b[1].load_state_dict(saved[1])
+    b[2].load_state_dict(saved[2])
+    assert b[0].query.next_index == a[0].query.next_index > 4
+    run(*a, steps=6, seed=2)
+    run(*b, steps=6, seed=2)
+    for (na, ta), (nb, tb) in zip(a[0].state_dict().items(), b[0].state_dict().items()):
+        assert na == nb and (ta == tb if not torch.is_tensor(ta) else torch.equal(ta, tb)), na
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(r=0), "r=0"),
+    (dict(r=13), "r=13"),
+    (dict(r=4, r_target=2), "r_target=2"),
+    (dict(gamma=0.0), "gamma=0.0"),
+    (dict(gamma=1.5), "gamma=1.5"),
+    (dict(targets=["nothing"]), "targets"),
+    (dict(init="kaiming"), "init"),
+])
+def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        apply_srlora(Net(), **{"targets": ["query"], **kwargs})
+
+
+def test_wrapping_a_non_linear_raises_value_error():
+    with pytest.raises(ValueError, match="nn.Linear"):
+        SRLoRALinear(nn.Conv2d(3, 4, 3))
+
+
+def test_bad_switch_arguments_raise_value_error():
+    model = apply_srlora(Net(), targets=["query"], r=2, r_target=4)
+    tracker = ImportanceTracker(model)
+    with pytest.raises(ValueError, match="gamma"):
+        recompose(model, tracker, gamma=0)
+    with pytest.raises(ValueError, match="gamma"):
+        switch_steps(100, 8, 32, 1.01)
+    with pytest.raises(ValueError, match="moments"):
+        recompose(model, tracker, 0.5, moments="zero")
+
+
+def test_non_linear_modules_that_match_a_target_are_left_alone():
+    model = nn.Sequential()
+    model.add_module("proj", nn.Conv2d(3, 4, 1))
+    model.add_module("block", nn.Module())
+    model.block.add_module("proj", nn.Linear(4, 4))
+    apply_srlora(model, targets=["proj"], r=2, r_target=4)
+    assert isinstance(model.proj, nn.Conv2d) and isinstance(model.block.proj, SRLoRALinear)
+
+
+def test_half_precision_model_runs_with_fp32_residual_and_basis():
+    base = nn.Linear(16, 12).to(torch.bfloat16)
+    layer = SRLoRALinear(copy.deepcopy(base), r=2, r_target=6)
+    assert layer.weight.dtype == layer.U.dtype == layer.lora_A.dtype == torch.float32
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), base(x).float(), rtol=2e-2, atol=2e-2)
+    merged = merge_srlora(wrap(layer)).layer
+    assert merged.weight.dtype == torch.bfloat16
+
+
+# --- end to end -----------------------------------------------------------------------------
+
+def test_srlora_adapts_a_pretrained_net_to_a_shifted_task():
+    torch.manual_seed(0)
+    teacher_a, teacher_b = Net(seed=10), Net(seed=11)
+    net = Net(seed=12)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(300):                                     # "pretrain" on task A
+        x = torch.randn(64, 12)
+        loss = (net(x) - teacher_a(x).detach()).pow(2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+
+    cfg = SRLoRAConfig(targets=("query", "value"), r=4, alpha=4, r_target=12, gamma=0.5)
+    model = apply_srlora(net, cfg)
+    tracker = ImportanceTracker(model, cfg.beta1, cfg.beta2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0)
+    total = 300
+    switches = set(switch_steps(total, cfg.r, cfg.r_target, cfg.gamma))
+    assert len(switches) == 4
+    target_b = lambda x: teacher_b(x).detach()               # noqa: E731  the shifted task
+    losses, events = [], []
+    for step in range(1, total + 1):
+        x = torch.randn(64, 12)
+        loss = (model(x) - target_b(x)).pow(2).mean()
+        loss.backward()
+        tracker.update()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        if step in switches:
+            events += recompose(model, tracker, cfg.gamma, optimizer=opt)
+    assert len(events) == 2 * 4 and model.query.next_index == model.value.next_index == 12
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.7 * first
+    assert all(torch.isfinite(l.effective_weight()).all() for l in (model.query, model.value))
