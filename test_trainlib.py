@@ -203,3 +203,45 @@ def test_config_errors_name_the_flag(tmp_path):
         with pytest.raises(UserError, match=match):
             run(tmp_path, **overrides)
     assert not any(tmp_path.iterdir())                     # nothing was written
+
+
+def toy_main(argv):
+    """The toy run as a script, for the multi-process test: python -c 'import test_trainlib as t; t.toy_cli()'."""
+    cfg = parse_config(ToyConfig, argv)
+    return run_methods(cfg, task="toy", build=lambda method: Toy(), n_train=len(X),
+                       make_batch=lambda idx: (X[idx], Y[idx]),
+                       loss_fn=lambda model, b: F.cross_entropy(model(b[0]), b[1]),
+                       evaluate=lambda model, device: (F.cross_entropy(model(X[:64]), Y[:64]).item(), {}))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_agree_and_match_one_process(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    code = "import sys, test_trainlib as t; t.toy_main(sys.argv[1:])"
+    args = ["--method=srlora", "--max_steps=24", "--eval_every=12", "--batch_size=16"]
+    subprocess.run([sys.executable, "-c", code, f"--out_dir={tmp_path / 'one'}", *args], env=env, check=True,
+                   capture_output=True, timeout=300)
+    with socket.socket() as s:                             # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                "--no-python", sys.executable, "-c", code]
+    done = subprocess.run(torchrun + [f"--out_dir={tmp_path / 'two'}", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (folder(tmp_path / d, "srlora") for d in ("one", "two"))
+    records = [json.loads(l) for l in (two / "log.jsonl").read_text().splitlines()]
+    assert [r["identical"] for r in records if r["event"] == "ranks"] == [True]
+    assert sum(r["event"] == "switch" for r in records) >= 4
+    a = torch.load(one / "ckpt" / "srlora" / "last.pt", weights_only=False)["model"]
+    b = torch.load(two / "ckpt" / "srlora" / "last.pt", weights_only=False)["model"]
+    for k in a:
+        if torch.is_tensor(a[k]):
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+        else:
+            assert a[k] == b[k]
