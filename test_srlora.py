@@ -432,3 +432,29 @@ def test_srlora_adapts_a_pretrained_net_to_a_shifted_task():
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     assert last < 0.7 * first
     assert all(torch.isfinite(l.effective_weight()).all() for l in (model.query, model.value))
+
+
+def test_200_fuse_reinit_cycles_under_bf16_autocast_keep_the_effective_weight():
+    # A bf16 base layer, trained under bf16 autocast: W and the basis stay fp32, so 200 cycles of
+    # fuse + reinit change the effective weight by no more than fp32 rounding.
+    torch.manual_seed(0)
+    base = nn.Linear(256, 256).to(torch.bfloat16)
+    layer = SRLoRALinear(base, r=2, alpha=2, r_target=202)
+    assert layer.weight.dtype == layer.U.dtype == torch.float32
+    model = wrap(layer)
+    tracker = ImportanceTracker(model)
+    opt = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=1e-3)
+    drift = torch.zeros(256, 256, dtype=torch.float64)
+    for cycle in range(200):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = layer(torch.randn(8, 256, dtype=torch.bfloat16)).float().pow(2).mean()
+        loss.backward()
+        tracker.update()
+        opt.step()
+        opt.zero_grad()
+        before = layer.effective_weight().detach().double()
+        assert recompose(model, tracker, gamma=0.5, optimizer=opt), f"cycle {cycle} did not switch"
+        drift += layer.effective_weight().detach().double() - before
+    assert layer.next_index == 202
+    scale = layer.effective_weight().detach().double().abs().max()
+    assert drift.abs().max() / scale < 1e-4
