@@ -62,7 +62,7 @@ class GlueConfig(TrainConfig):
 # small; it does not diverge with PiSSA's principal-component adapters either (measured).
 PRESETS = {
     "tweets": dict(epochs=1, max_steps=200, batch_size=16, lr=5e-4, r_target=32, warmup=20, eval_every=50,
-                   max_len=64),
+                   max_len=64, max_dev=1000),
     "sst2": dict(epochs=20, batch_size=16, lr=3e-5, r_target=512),
     "mrpc": dict(epochs=20, batch_size=32, lr=2e-4, r_target=256),
     "cola": dict(epochs=20, batch_size=16, lr=1e-4, r_target=256),
