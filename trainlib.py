@@ -3,10 +3,12 @@ the training loop for LoRA / PiSSA / SRLoRA, checkpoints, the results table and 
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
 import random
+import re
 import shutil
 import struct
 import sys
@@ -182,10 +184,32 @@ def parse_config(cls, argv, presets: dict = None, preset_field: str = None):
     return dataclasses.replace(cfg, **given)
 
 
-def print_help(cls, doc: str = ""):
-    print(doc.strip() + "\n\nflags (--name=value):")
+def field_comments(cls) -> dict:
+    """{field: the comment on its line} for a config dataclass and its bases, read from the source."""
+    comments = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        for line in lines:
+            m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+            if m:
+                comments[m.group(1)] = m.group(2)
+    return comments
+
+
+def print_help(cls, doc: str = "", presets: dict = None, preset_field: str = None):
+    """The script's docstring, every flag with its default and its comment, then the presets."""
+    print(doc.strip() + "\n\nflags (--name=value), with their defaults:")
+    comments, defaults = field_comments(cls), cls()
     for f in dataclasses.fields(cls):
-        print(f"  --{f.name:<14} {getattr(cls(), f.name)!r}")
+        flag = f"--{f.name}={getattr(defaults, f.name)!r}"
+        print(f"  {flag:<32} {comments.get(f.name, '')}".rstrip())
+    if presets:
+        print(f"\n--{preset_field} presets (applied first; explicit flags win):")
+        for name, values in presets.items():
+            print(f"  {name}: " + (", ".join(f"{k}={v}" for k, v in values.items()) or "the defaults above"))
 
 
 def cli(main):
@@ -194,7 +218,9 @@ def cli(main):
         module = sys.modules["__main__"]
         config = next(v for v in vars(module).values()
                       if isinstance(v, type) and issubclass(v, TrainConfig) and v is not TrainConfig)
-        print_help(config, module.__doc__ or "")
+        presets = getattr(module, "PRESETS", None)
+        field = next((f.name for f in dataclasses.fields(config) if f.name in ("task", "preset")), None)
+        print_help(config, module.__doc__ or "", presets, field)
         sys.exit(0)
     try:
         code = main(sys.argv[1:])
