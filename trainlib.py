@@ -650,6 +650,7 @@ def run_methods(cfg, *, task, build, n_train, make_batch, loss_fn, evaluate, hea
     """Train every method of cfg in turn from the same pretrained model, seed and data order,
     and write the run folder (see Run).  Returns one metrics dict per method."""
     check_config(cfg)
+    Batches(n_train, cfg.batch_size, cfg.seed)      # fewer examples than a batch: fail before the folder is touched
     rank, world = distributed()
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UserError(f"--batch_size={cfg.batch_size} must be divisible by --grad_accum={cfg.grad_accum} "
