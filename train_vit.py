@@ -71,7 +71,9 @@ class SafeUnpickler(pickle.Unpickler):
     hostile file cannot run code."""
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
                ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
+               ("numpy._core.multiarray", "scalar"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
+               ("_codecs", "encode")}  # how Python 3 writes bytes in protocol 2, as the CIFAR files use
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -117,7 +119,8 @@ def checked(images: np.ndarray, labels: np.ndarray, n_classes: int, source) -> t
         raise UserError(f"{source}: {len(images)} images but {len(labels)} labels; a file is truncated")
     if len(labels) and not (0 <= labels.min() and labels.max() < n_classes):
         raise UserError(f"{source}: labels outside 0..{n_classes - 1}; the file is not this dataset")
-    return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64))
+    # A copy: np.frombuffer arrays are read-only, and torch tensors over them must not be written.
+    return torch.from_numpy(np.array(images, order="C")), torch.from_numpy(labels.astype(np.int64))
 
 
 def load_cifar100(root: Path, split: str):
@@ -231,7 +234,7 @@ def load_backbone(cfg):
     if cfg.weights:
         state = read_weights(cfg.weights)
         try:
-            kind = vit.naming({k.removeprefix("vit.").removeprefix("dinov2."): v for k, v in state.items()})
+            kind = vit.naming(state)
             state = vit.convert_state_dict(state)
             # Hugging Face ViT uses LayerNorm eps 1e-12; timm and DINOv2 use 1e-6.  Mean and std: the
             # ImageNet-21k ViT-B/16 checkpoints (timm augreg, google/vit-base-patch16-224-in21k) use 0.5.
@@ -262,7 +265,7 @@ def main(argv):
         raise UserError(f"--flip={cfg.flip} is not auto, true or false")
     (train_x, train_y), (test_x, test_y) = load_dataset(cfg)
     state, model_cfg = load_backbone(cfg)
-    if cfg.img_size % model_cfg.patch_size:
+    if cfg.img_size < model_cfg.patch_size or cfg.img_size % model_cfg.patch_size:
         raise UserError(f"--img_size={cfg.img_size} is not a multiple of the patch size {model_cfg.patch_size}; "
                         f"use e.g. {model_cfg.patch_size * max(1, round(cfg.img_size / model_cfg.patch_size))}")
     flip = cfg.flip == "true" or (cfg.flip == "auto" and cfg.dataset != "mnist")

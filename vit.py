@@ -154,8 +154,18 @@ DINOV2_BLOCK = {"norm1": "norm1", "attention.output.dense": "attn.proj", "layer_
 IGNORED = re.compile(r"^(head|classifier|pooler)\.|^(embeddings\.)?mask_token$")
 
 
+def strip_model_prefix(state: dict) -> dict:
+    """Hugging Face checkpoints of a whole model carry the backbone under a prefix ("vit.",
+    "dinov2.", "backbone."); keep the backbone's keys without it.  Other state dicts pass as they are."""
+    for prefix in ("vit.", "dinov2.", "backbone."):
+        if any(k.startswith(prefix + "embeddings.") for k in state):
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
 def naming(state: dict) -> str:
-    """'timm', 'hf-vit' or 'hf-dinov2', from the keys; '' if none fits."""
+    """'timm', 'hf-vit' or 'hf-dinov2', from the keys (after strip_model_prefix); '' if none fits."""
+    state = strip_model_prefix(state)
     if "cls_token" in state and "blocks.0.attn.qkv.weight" in state:
         return "timm"
     if "encoder.layer.0.layernorm_before.weight" in state:
@@ -171,23 +181,28 @@ def convert_state_dict(state: dict) -> dict:
     Hugging Face checkpoints carry a model prefix ("vit.", "dinov2.", "backbone.") that is
     stripped first.  Query, key and value weights are stacked into qkv in that order, which is
     how timm's fused qkv splits them.  Raises ValueError for a state dict that is no ViT."""
-    for prefix in ("vit.", "dinov2.", "backbone."):
-        if any(k.startswith(prefix + "embeddings.") for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            break
+    state = strip_model_prefix(state)
     kind = naming(state)
     if not kind:
-        sample = ", ".join(sorted(state)[:3])
+        sample = ", ".join(sorted(map(str, state))[:3])
         raise ValueError(f"not a ViT state dict in timm or Hugging Face (ViT, DINOv2) naming (first keys: {sample})")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items() if not IGNORED.search(k)}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()
+             if torch.is_tensor(v) and not IGNORED.search(k)}
     if kind == "timm":
         return state
+    try:
+        return _from_hf(state, HF_BLOCK if kind == "hf-vit" else DINOV2_BLOCK)
+    except KeyError as e:
+        raise ValueError(f"the {kind} state dict lacks {e}; it is not a full ViT backbone") from None
+
+
+def _from_hf(state: dict, block: dict) -> dict:
+    """Hugging Face ViT or DINOv2 names (`block` maps the per-block ones) -> ours; KeyError if one is missing."""
     out = {"cls_token": state.pop("embeddings.cls_token"),
            "pos_embed": state.pop("embeddings.position_embeddings"),
            "norm.weight": state.pop("layernorm.weight"), "norm.bias": state.pop("layernorm.bias")}
     for p in ("weight", "bias"):
         out[f"patch_embed.proj.{p}"] = state.pop(f"embeddings.patch_embeddings.projection.{p}")
-    block = HF_BLOCK if kind == "hf-vit" else DINOV2_BLOCK
     n = 0
     while f"encoder.layer.{n}.attention.attention.query.weight" in state:
         src, dst = f"encoder.layer.{n}.", f"blocks.{n}."
@@ -218,7 +233,7 @@ def config_from_state_dict(state: dict, heads: int = 0, eps: float = 1e-6, num_c
     if grid * grid != n_pos:
         raise ValueError(f"pos_embed holds {n_pos} patch positions, not a square grid (a model with "
                          f"register tokens or without a class token is not supported)")
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))   # blocks.0 exists (mlp_dim above)
     return ViTConfig(patch_size=patch, dim=dim, depth=depth, heads=heads or max(1, dim // 64), mlp_dim=mlp_dim,
                      grid=grid, layer_scale="blocks.0.ls1.gamma" in state, eps=eps,
                      num_classes=num_classes, mean=tuple(mean), std=tuple(std))
