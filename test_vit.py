@@ -312,6 +312,20 @@ def to_hf(state, prefix="vit."):
     return out
 
 
+def to_transformers5(hf):
+    """The names transformers 5 gives the same modules: q/k/v/o_proj, mlp.fc1/fc2, and ViT's
+    blocks under layers.N. instead of encoder.layer.N."""
+    vit_blocks = any("layernorm_before" in k for k in hf)
+    out = {}
+    for k, v in hf.items():
+        for old, new in (("attention.attention.query", "attention.q_proj"), ("attention.attention.key", "attention.k_proj"),
+                         ("attention.attention.value", "attention.v_proj"), ("attention.output.dense", "attention.o_proj"),
+                         ("intermediate.dense", "mlp.fc1"), (".output.dense", ".mlp.fc2")):
+            k = k.replace(old, new)
+        out[k.replace("encoder.layer.", "layers.") if vit_blocks else k] = v
+    return out
+
+
 def write_safetensors(state, path, dtype_name="F32"):
     """A .safetensors file by its format: 8-byte little-endian header length, JSON header, raw bytes."""
     header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
@@ -325,11 +339,12 @@ def write_safetensors(state, path, dtype_name="F32"):
     Path(path).write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
 
 
+@pytest.mark.parametrize("transformers5", [False, True], ids=["files", "transformers5"])
 @pytest.mark.parametrize("layer_scale", [False, True], ids=["hf-vit", "hf-dinov2"])
-def test_timm_and_hugging_face_names_of_the_same_weights_give_identical_outputs(layer_scale):
+def test_timm_and_hugging_face_names_of_the_same_weights_give_identical_outputs(layer_scale, transformers5):
     cfg = dataclasses.replace(TINY, layer_scale=layer_scale)
     state = random_state(cfg)
-    hf = to_hf(state)
+    hf = to_transformers5(to_hf(state)) if transformers5 else to_hf(state)
     assert vit.naming(state) == "timm" and vit.naming(hf) == ("hf-dinov2" if layer_scale else "hf-vit")
     converted = vit.convert_state_dict(hf)
     assert converted.keys() == {k for k in state if not k.startswith("head.")}
@@ -338,8 +353,10 @@ def test_timm_and_hugging_face_names_of_the_same_weights_give_identical_outputs(
         assert torch.equal(tiny_model(state, cfg)(img), tiny_model(hf, cfg)(img))
     without_prefix = {k.removeprefix("vit."): v for k, v in hf.items()}
     assert all(torch.equal(converted[k], v) for k, v in vit.convert_state_dict(without_prefix).items())
-    del hf["vit.encoder.layer.1.attention.attention.key.bias"]
-    with pytest.raises(ValueError, match="lacks 'encoder.layer.1.attention.attention.key.bias'"):
+    key = ("layers.1." if transformers5 and not layer_scale else "encoder.layer.1.") + \
+        ("attention.k_proj.bias" if transformers5 else "attention.attention.key.bias")
+    del hf["vit." + key]
+    with pytest.raises(ValueError, match=f"lacks '{key}'"):
         vit.convert_state_dict(hf)
 
 
@@ -399,7 +416,7 @@ def test_timm_vit_and_ours_give_the_same_logits():
         vit.ViT(vit.ViTConfig(dim=192, heads=3, mlp_dim=768)).state_dict().keys()
 
 
-def test_hugging_face_vit_and_ours_give_the_same_logits_and_interpolate_alike():
+def test_hugging_face_vit_and_ours_give_the_same_logits_and_interpolate_alike(tmp_path):
     transformers = pytest.importorskip("transformers")
     hf_cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                                     image_size=32, patch_size=8, num_labels=7, layer_norm_eps=1e-12)
@@ -419,6 +436,9 @@ def test_hugging_face_vit_and_ours_give_the_same_logits_and_interpolate_alike():
         ours = vit.from_state_dict(vit.convert_state_dict(features.state_dict()), dataclasses.replace(cfg, num_classes=0))
         torch.testing.assert_close(ours.eval().forward_features(img), features(pixel_values=img).last_hidden_state,
                                    atol=1e-5, rtol=1e-5)
+        ref.save_pretrained(tmp_path)                        # the file names (encoder.layer.N.attention.attention...)
+        saved = read_weights(tmp_path / "model.safetensors")
+        assert torch.equal(tiny_model(saved, cfg)(img), model(img))
 
 
 def test_hugging_face_dinov2_and_ours_give_the_same_tokens():
@@ -430,9 +450,10 @@ def test_hugging_face_dinov2_and_ours_give_the_same_tokens():
     model = vit.from_state_dict(state, vit.config_from_state_dict(state, heads=4)).eval()
     assert model.config.layer_scale
     with torch.no_grad():
-        img = torch.randn(2, 3, 32, 32)
-        torch.testing.assert_close(model.forward_features(img), ref(pixel_values=img).last_hidden_state,
-                                   atol=1e-5, rtol=1e-5)
+        for shape in ((32, 32), (24, 16), (40, 40)):         # the native 4 x 4 grid, then smaller and larger
+            img = torch.randn(2, 3, *shape)
+            torch.testing.assert_close(model.forward_features(img), ref(pixel_values=img).last_hidden_state,
+                                       atol=1e-5, rtol=1e-5)
 
 
 # --- position embeddings -------------------------------------------------------------------------

@@ -144,11 +144,17 @@ class ViT(nn.Module):
 
 # --- state dicts with other names -------------------------------------------------------------
 
-# Per block: (Hugging Face ViT name, DINOv2 name) -> our name.  Query, key and value are fused.
-HF_BLOCK = {"layernorm_before": "norm1", "attention.output.dense": "attn.proj",
-            "layernorm_after": "norm2", "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
-DINOV2_BLOCK = {"norm1": "norm1", "attention.output.dense": "attn.proj", "layer_scale1.lambda1": "ls1.gamma",
-                "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "layer_scale2.lambda1": "ls2.gamma"}
+# Per block, our name -> the Hugging Face names it goes by: ViT files (transformers 4 and the
+# Hub), DINOv2 files, and the modules of transformers 5 (attention.o_proj, mlp.fc1, ...).  Each
+# block sits under encoder.layer.N. (files, and DINOv2 in transformers 5) or layers.N. (ViT in
+# transformers 5).  Query, key and value are fused into qkv.
+HF_BLOCK = {"norm1": ("layernorm_before", "norm1"), "attn.proj": ("attention.output.dense", "attention.o_proj"),
+            "norm2": ("layernorm_after", "norm2"), "mlp.fc1": ("intermediate.dense", "mlp.fc1"),
+            "mlp.fc2": ("output.dense", "mlp.fc2")}
+HF_LAYER_SCALE = {"ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1"}    # DINOv2 only
+HF_QKV = (("attention.attention.query", "attention.attention.key", "attention.attention.value"),
+          ("attention.q_proj", "attention.k_proj", "attention.v_proj"))
+HF_LAYERS = ("encoder.layer.{}.", "layers.{}.")
 # Keys a pretrained checkpoint may carry that this model has no use for: its old classifier,
 # Hugging Face's pooler (a tanh layer ViTForImageClassification does not use), DINOv2's mask token.
 IGNORED = re.compile(r"^(head|classifier|pooler)\.|^(embeddings\.)?mask_token$")
@@ -168,10 +174,11 @@ def naming(state: dict) -> str:
     state = strip_model_prefix(state)
     if "cls_token" in state and "blocks.0.attn.qkv.weight" in state:
         return "timm"
-    if "encoder.layer.0.layernorm_before.weight" in state:
-        return "hf-vit"
-    if "encoder.layer.0.norm1.weight" in state:
-        return "hf-dinov2"
+    for layer in HF_LAYERS:
+        if layer.format(0) + "layernorm_before.weight" in state:
+            return "hf-vit"
+        if layer.format(0) + "norm1.weight" in state:
+            return "hf-dinov2"
     return ""
 
 
@@ -191,29 +198,33 @@ def convert_state_dict(state: dict) -> dict:
     if kind == "timm":
         return state
     try:
-        return _from_hf(state, HF_BLOCK if kind == "hf-vit" else DINOV2_BLOCK)
+        return _from_hf(state)
     except KeyError as e:
         raise ValueError(f"the {kind} state dict lacks {e}; it is not a full ViT backbone") from None
 
 
-def _from_hf(state: dict, block: dict) -> dict:
-    """Hugging Face ViT or DINOv2 names (`block` maps the per-block ones) -> ours; KeyError if one is missing."""
+def _from_hf(state: dict) -> dict:
+    """Hugging Face ViT or DINOv2 names (HF_BLOCK) -> ours; KeyError if one is missing."""
+    state = dict(state)
     out = {"cls_token": state.pop("embeddings.cls_token"),
            "pos_embed": state.pop("embeddings.position_embeddings"),
            "norm.weight": state.pop("layernorm.weight"), "norm.bias": state.pop("layernorm.bias")}
     for p in ("weight", "bias"):
         out[f"patch_embed.proj.{p}"] = state.pop(f"embeddings.patch_embeddings.projection.{p}")
+    layer = next(f for f in HF_LAYERS if f.format(0) + "layernorm_before.weight" in state
+                 or f.format(0) + "norm1.weight" in state)
+    qkv = next((names for names in HF_QKV if layer.format(0) + names[0] + ".weight" in state), HF_QKV[0])
     n = 0
-    while f"encoder.layer.{n}.attention.attention.query.weight" in state:
-        src, dst = f"encoder.layer.{n}.", f"blocks.{n}."
+    while layer.format(n) + qkv[0] + ".weight" in state:
+        src, dst = layer.format(n), f"blocks.{n}."
         for p in ("weight", "bias"):
-            out[dst + f"attn.qkv.{p}"] = torch.cat([state.pop(src + f"attention.attention.{t}.{p}")
-                                                    for t in ("query", "key", "value")])
-        for old, new in block.items():
-            for p in ("weight", "bias") if not old.endswith("lambda1") else ("",):
-                key = src + old + (f".{p}" if p else "")
-                if key in state:
-                    out[dst + new + (f".{p}" if p else "")] = state.pop(key)
+            out[dst + f"attn.qkv.{p}"] = torch.cat([state.pop(src + f"{t}.{p}") for t in qkv])
+            for ours, theirs in HF_BLOCK.items():
+                name = next((t for t in theirs if src + f"{t}.{p}" in state), theirs[0])
+                out[dst + f"{ours}.{p}"] = state.pop(src + f"{name}.{p}")
+        for ours, theirs in HF_LAYER_SCALE.items():
+            if src + theirs in state:
+                out[dst + ours] = state.pop(src + theirs)
         n += 1
     out.update(state)        # whatever is left is unknown: from_state_dict reports it
     return out
