@@ -39,8 +39,8 @@ class StepConfig:
     batch: int = 0                # 0: 16 on CPU (NOTES.md's MiniLM setting), 32 on CUDA
     seq: int = 0                  # 0: 64 tokens for MiniLM on CPU, 128 otherwise
     deberta_layers: int = 0       # 0: 2 blocks on CPU (fits 2 cores), 12 on CUDA (DeBERTa-v3-base)
-    rounds: int = 0               # 0: 10 on CPU, 20 on CUDA
-    steps: int = 0                # steps per method per round; 0: 2 on CPU, 10 on CUDA
+    rounds: int = 0               # 0: 24 (MiniLM) / 16 (DeBERTa) on CPU, 20 on CUDA
+    steps: int = 0                # steps per method per round; 0: 1 on CPU (short rounds pair up better under load), 10 on CUDA
     warmup: int = 3               # untimed steps per method before the rounds
     recompose_calls: int = 5      # recompose() calls timed (each really recycles r' slots per layer)
     threads: int = 1              # torch CPU threads; 1 because two-thread steps ran 4x slower and far noisier on a shared 2-core machine
@@ -117,8 +117,8 @@ def bench_model(name, cfg, device):
     seq = 16 if cfg.quick and not cfg.seq else seq
     if name == "deberta" and cpu and not cfg.batch and not cfg.quick:
         batch = 4                                     # 4 x 128 tokens keeps a 2-block step near 0.5 s on 2 cores
-    rounds = cfg.rounds or (2 if cfg.quick else 10 if cpu else 20)
-    steps = cfg.steps or (1 if cfg.quick else 2 if cpu else 10)
+    rounds = cfg.rounds or (2 if cfg.quick else (24 if name == "minilm" else 16) if cpu else 20)
+    steps = cfg.steps or (1 if cfg.quick or cpu else 10)
     warmup = 1 if cfg.quick else cfg.warmup
     methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
     unknown = set(methods) - {"lora", "pissa", "srlora", "peft_lora"}
@@ -158,6 +158,11 @@ def bench_model(name, cfg, device):
         times = [timed(lambda: recompose(model, tracker, cfg.gamma, optimizer=opt), device) for _ in range(calls)]
         interval = switches[0] if switches else None
         recompose_s = median(times)
+        # tracker.update() alone, on real gradients: a low-noise measure of the per-step extra work
+        F.cross_entropy(common.logits_of(model(**inputs)), labels).backward()
+        update_s = median([timed(tracker.update, device) for _ in range(20)])
+        opt.zero_grad(set_to_none=True)
+        result["tracker_update_ms"] = round(update_s * 1e3, 3)
         result["srlora_schedule"] = {"total_steps": cfg.total_steps, "r_target": cfg.r_target,
                                      "n_switch": len(switches), "interval": interval}
         result["recompose_ms"] = round(recompose_s * 1e3, 3) if recompose_s is not None else None
@@ -171,6 +176,9 @@ def bench_model(name, cfg, device):
                      ("pissa", "lora"), ("lora", "peft_lora"), ("srlora_amortized", "pissa")):
         if num in names and den in names:
             ratios[f"{num}/{den}"] = round(median([row[num] / row[den] for row in per_round]), 4)
+    if "tracker_update_ms" in result and "lora" in names:
+        extra = result["tracker_update_ms"] + (result["recompose_ms"] or 0) / (interval or 1)
+        ratios["1 + (tracker.update + recompose/interval) / lora"] = round(1 + extra / result["step_ms_median"]["lora"], 4)
     if "recompose_ms" in result and result["recompose_ms"] is not None and "srlora" in names:
         ratios["recompose/srlora_step"] = round(result["recompose_ms"] / result["step_ms_median"]["srlora"], 4)
     if "peak_memory_mib" in result and "peft_lora" in methods and "srlora" in methods:
