@@ -316,6 +316,7 @@ def main(argv):
     dev = dev[:cfg.max_dev] if cfg.max_dev else dev
 
     # model and tokenizer: one pretrained copy on the CPU; build() hands each method a fresh deep copy
+    torch.manual_seed(cfg.seed)                   # the new head's initial weights: the same for the same --seed
     if cfg.hf_model:
         base, encode, pad_id, model_type, head = load_hf(cfg, num_labels)
         name = cfg.hf_model
