@@ -6,6 +6,7 @@ Only that part changes, so the prose around it is kept.  Every number in it is r
 file that bench/step_time.py or bench/init_time.py wrote; nothing is typed in.
 """
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -19,6 +20,16 @@ GPU_TARGETS = [("srlora_amortized/peft_lora", 1.00, "SRLoRA step / PEFT LoRA ste
                ("srlora_amortized/lora", 1.03, "SRLoRA step / own LoRA step"),
                ("recompose/srlora_step", 1.00, "one recompose() over all layers / one step"),
                ("peak_memory srlora/peft_lora", 1.05, "peak memory at r_target=64, SRLoRA / PEFT LoRA")]
+
+
+def quartiles(m, key):
+    """25th-75th percentile of the per-round ratios behind `key` (num/den), from step_ms_rounds."""
+    num, _, den = key.partition("/")
+    rows = [r for r in m.get("step_ms_rounds", []) if num in r and den in r]
+    if len(rows) < 4:
+        return ""
+    q = statistics.quantiles([r[num] / r[den] for r in rows], n=4)
+    return f"{q[0]:.3f} - {q[2]:.3f}"
 
 
 def verdict(value, bound):
@@ -53,16 +64,18 @@ def step_section(d, name):
                     f"r_target={s['r_target']}, {s['total_steps']} steps, {s['n_switch']} switches, one every "
                     f"{s['interval']} steps, so `srlora_amortized` = srlora + recompose / {s['interval']}. "
                     f"`tracker.update()` alone, timed on real gradients: {m['tracker_update_ms']:.2f} ms."]
-        out += ["", "| ratio (median of per-round ratios) | value | target | verdict |", "|---|---|---|---|"]
+        out += ["", "| ratio (median of per-round ratios) | value | middle half of rounds | target | verdict |",
+                "|---|---|---|---|---|"]
         targets = GPU_TARGETS if gpu else STEP_TARGETS
         shown = set()
         for k, bound, what in targets:
             v = m["ratios"].get(k)
-            out.append(f"| {what} | {v if v is not None else 'not measured'} | <= {bound:.2f} | {verdict(v, bound)} |")
+            out.append(f"| {what} | {v if v is not None else 'not measured'} | {quartiles(m, k)} | <= {bound:.2f} "
+                       f"| {verdict(v, bound)} |")
             shown.add(k)
         for k, v in m["ratios"].items():
             if k not in shown:
-                out.append(f"| {k} | {v} | | |")
+                out.append(f"| {k} | {v} | {quartiles(m, k)} | | |")
         out.append("")
     return out
 
