@@ -549,7 +549,16 @@ def tiny_files(tmp_path):
     return tmp_path
 
 
-def test_a_tiny_run_trains_every_method_and_writes_metrics(tiny_files):
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine two threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_tiny_run_trains_every_method_and_writes_metrics(tiny_files, one_thread):
     t = tiny_files
     train_vit.main([f"--weights={t / 'tiny.pth'}", "--heads=2", f"--data_dir={t / 'mnist'}", "--img_size=12",
                     "--max_steps=4", "--eval_every=2", "--batch_size=4", "--warmup=1", "--r=2", "--r_target=4",
