@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from srlora import merge_srlora, srlora_layers
+from srlora import merge_srlora, srlora_layers, top_singular
 
 try:
     import safetensors.torch
@@ -83,6 +83,28 @@ def export_merged(model: nn.Module, path) -> Path:
     return path
 
 
+def _svd_of_change(dW: torch.Tensor, next_index: int, tol: float):
+    """SVD (U, S, Vh) of dW = W_final - W0 of one layer, in dW's dtype, exact for all of it above `tol`.
+
+    dW has rank at most 2 next_index: W_final - W0 = -(W0's top next_index directions, which PiSSA and
+    every refill subtracted from W) + (the next_index - r pairs fused into W) + scaling B A.  So a
+    seeded random sketch of its range with next_index + 8 columns to spare holds all of it, the SVD
+    of dW projected on that range is the SVD of dW, and it costs O(m n next_index), not a full SVD.  If dW is not that low-rank (W was changed
+    by other means), the part the sketch misses shows up and the full SVD is taken instead.
+    """
+    m, n = dW.shape
+    q = 3 * next_index + 8
+    if q < min(m, n):
+        gen = torch.Generator(device=dW.device).manual_seed(0)
+        G = torch.randn(n, q, generator=gen, device=dW.device, dtype=dW.dtype)
+        Q = torch.linalg.qr(dW @ G).Q                                     # (m, q) range of dW
+        C = Q.mT @ dW                                                     # (q, n): dW = Q C
+        if (dW - Q @ C).norm() <= tol * min(m, n) ** 0.5:                 # nothing above rounding missed
+            Uc, S, Vh = torch.linalg.svd(C, full_matrices=False)
+            return Q @ Uc, S, Vh
+    return torch.linalg.svd(dW, full_matrices=False)
+
+
 @torch.no_grad()
 def export_lora_adapter(model: nn.Module, path, base, rank: int = None) -> dict:
     """Write W_final - W0 of every adapted layer as a LoRA adapter that PEFT loads onto `base`.
@@ -132,14 +154,15 @@ def export_lora_adapter(model: nn.Module, path, base, rank: int = None) -> dict:
                              f"keep the biases of adapted layers frozen, or use export_merged")
         W0 = base_state[f"{name}.weight"].to(layer.weight.device, torch.float64)
         dW = layer.effective_weight().double() - W0                       # (m, n), fused pairs included
-        U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
         # A direction of dW below eps sqrt(max(m, n)) ||W0||_2 moves W x less than the rounding of
         # W x itself in W's dtype; it is what recompose's in-place adds leave behind, not training.
         eps = torch.finfo(layer.weight.dtype).eps
-        tol = eps * max(dW.shape) ** 0.5 * torch.linalg.matrix_norm(W0, ord=2)
+        tol = eps * max(dW.shape) ** 0.5 * top_singular(W0, 1, "lowrank")[1][0].item()
+        U, S, Vh = _svd_of_change(dW, layer.next_index, tol)
         k = int((S > tol).sum())
         k = k if rank is None else min(k, rank)
-        errors[name] = (S[k:].norm() / S.norm()).item() if S.norm() > 0 else 0.0
+        approx = (U[:, :k] * S[:k]) @ Vh[:k]
+        errors[name] = ((dW - approx).norm() / dW.norm()).item() if dW.norm() > 0 else 0.0
         ranks[name] = k
         if k == 0:                                                        # unchanged layer: nothing to write
             continue

@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 
 from srlora import ImportanceTracker, SRLoRALinear, apply_srlora, recompose, srlora_layers, switch_steps
-from srlora_export import PAPER_TARGETS, export_lora_adapter, export_merged, merged_state_dict
+from srlora_export import PAPER_TARGETS, _svd_of_change, export_lora_adapter, export_merged, merged_state_dict
 
 
 def load_tensors(path):
@@ -68,9 +69,9 @@ class Net(nn.Module):
     def __init__(self, seed=0):
         super().__init__()
         torch.manual_seed(seed)
-        self.query = nn.Linear(12, 16)
-        self.value = nn.Linear(16, 16)
-        self.head = nn.Linear(16, 3)
+        self.query = nn.Linear(48, 64)      # wide enough for the sketched SVD of the weight change
+        self.value = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 3)
 
     def forward(self, x):
         return self.head(torch.tanh(self.value(torch.tanh(self.query(x)))))
@@ -85,7 +86,7 @@ def trained_net():
     base = Net()
     model = apply_srlora(copy.deepcopy(base), targets=["query", "value"], r=4, r_target=8)
     model.head.requires_grad_(True)
-    x, y = torch.randn(32, 12), torch.randint(0, 3, (32,))
+    x, y = torch.randn(32, 48), torch.randint(0, 3, (32,))
     events, _ = train(model, x, y, call, steps=6)
     assert events, "no recompose happened: W never moved"
     return base, model, x
@@ -130,8 +131,10 @@ def test_adapter_holds_the_whole_weight_change_not_just_the_adapter(trained_net,
         assert A.shape == (k, layer.in_features) and B.shape == (layer.out_features, k)
         assert k == config["rank_pattern"].get(name, config["r"])
         scaling = config["alpha_pattern"].get(name, config["lora_alpha"]) / k
-        dW = layer.effective_weight().double() - base.get_submodule(name).weight.double()
-        torch.testing.assert_close(scaling * B @ A, dW, rtol=0, atol=1e-6 * dW.abs().max().item())
+        W0 = base.get_submodule(name).weight.double()
+        W = layer.effective_weight().double()
+        assert (W - W0).abs().max() > 1e-3                   # it trained: the change is far above rounding
+        torch.testing.assert_close(W0 + scaling * B @ A, W, rtol=0, atol=1e-6 * W0.abs().max().item())  # ~8 fp32 eps
         assert k > layer.r                                   # fusion moved part of dW into W
     torch.testing.assert_close(tensors["base_model.model.head.weight"], model.head.weight.detach())
 
@@ -142,6 +145,20 @@ def test_adapter_refuses_a_changed_bias_of_an_adapted_layer(trained_net, tmp_pat
         model.query.bias += 0.1                              # a LoRA adapter has no place for it
     with pytest.raises(ValueError, match="query.bias differs from base"):
         export_lora_adapter(model, tmp_path, base)
+
+
+@given(m=st.integers(40, 90), n=st.integers(40, 90), next_index=st.integers(1, 8), full=st.booleans())
+@settings(max_examples=30, deadline=None)
+def test_sketched_svd_of_the_change_equals_the_full_svd(m, n, next_index, full):
+    """Exact for a change of rank <= 2 next_index; a full-rank change falls back to the full SVD."""
+    g = torch.Generator().manual_seed(m * 100 + n)
+    k = min(m, n) if full else 2 * next_index
+    dW = torch.randn(m, k, generator=g, dtype=torch.float64) @ torch.randn(k, n, generator=g, dtype=torch.float64)
+    dW += 1e-12 * torch.randn(m, n, generator=g, dtype=torch.float64)     # rounding noise, below tol
+    U, S, Vh = _svd_of_change(dW, next_index, tol=1e-9)
+    S_full = torch.linalg.svdvals(dW)
+    torch.testing.assert_close(S[:k], S_full[:k], rtol=1e-9, atol=0)
+    torch.testing.assert_close((U[:, :k] * S[:k]) @ Vh[:k], dW, rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("rank", [1, 3])
