@@ -54,7 +54,7 @@ ABLATION_LABELS = {DEFAULT: "default", "gamma0.25": "gamma 0.25", "gamma0.75": "
 
 def run_suite(name, extra):
     suite = SUITES[name]
-    scratch = ROOT / "runs" / "experiments" / name
+    scratch = Path("runs") / "experiments" / name          # relative to ROOT, the runs' working folder
     for run, flags in suite["runs"].items():
         cmd = [sys.executable, suite["script"], *suite["flags"], *flags, *extra,
                f"--out_dir={scratch}", f"--name={run}", "--overwrite", "--plots=false"]
@@ -63,7 +63,7 @@ def run_suite(name, extra):
         dest = RESULTS / name / run
         dest.mkdir(parents=True, exist_ok=True)
         for f in ("config.json", "metrics.json", "log.jsonl"):
-            shutil.copy(scratch / run / f, dest / f)
+            shutil.copy(ROOT / scratch / run / f, dest / f)
 
 
 # --- the report -----------------------------------------------------------------------------
