@@ -759,26 +759,36 @@ def plot_run(path):
     plt.close(fig)
 
     intervals = active_intervals(records, json.loads((path / "config.json").read_text())["r"])
-    if not intervals:
-        return
+    if intervals:
+        plot_intervals(intervals, path / "fig5_active_intervals.png", path / "fig4_interval_variance.png")
+
+
+def plot_intervals(intervals, fig5_path, fig4_path):
+    """Fig. 5 (how long each singular index of one middle layer stayed active) and Fig. 4 (the
+    variance of those lengths per layer, attention vs feed-forward), from active_intervals().
+    Returns the layer drawn in Fig. 5 and {layer: variance}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     layers = list(intervals)
     layer = layers[len(layers) // 2]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.bar(list(intervals[layer]), list(intervals[layer].values()), color="tab:orange")
     ax.set(xlabel="singular index (descending singular value)", ylabel="steps active",
-           title=f"Active intervals, {layer} (cf. paper Fig. 5)")
+           title=f"Active intervals of {layer} (cf. paper Fig. 5)")
     fig.tight_layout()
-    fig.savefig(path / "fig5_active_intervals.png", dpi=120)
+    fig.savefig(fig5_path, dpi=120)
     plt.close(fig)
 
+    var = {l: float(np.var(list(v.values()))) for l, v in intervals.items()}
     fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(layers)), 4))
-    var = [float(np.var(list(intervals[l].values()))) for l in layers]
-    ax.bar(range(len(layers)), var, color=["tab:green" if is_ffn(l) else "tab:blue" for l in layers])
-    ax.set_xticks(range(len(layers)), [l.replace("encoder.layer.", "L").replace("blocks.", "B") for l in layers],
-                  rotation=90, fontsize=6)
-    ax.set(ylabel="variance of interval length", title="Active-interval variance per layer (cf. paper Fig. 4)")
+    ax.bar(range(len(layers)), [var[l] for l in layers], color=["tab:green" if is_ffn(l) else "tab:blue" for l in layers])
+    ax.set_xticks(range(len(layers)), [l.removeprefix("bert.").replace("encoder.layer.", "L").replace("blocks.", "B")
+                                       for l in layers], rotation=90, fontsize=6)
+    ax.set(ylabel="variance of active-interval length", title="Per-layer interval variance (cf. paper Fig. 4)")
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:blue", "tab:green")],
-              labels=["attention", "feed-forward"])
+              labels=["attention", "feed-forward"], loc="lower right", framealpha=0.9)
     fig.tight_layout()
-    fig.savefig(path / "fig4_interval_variance.png", dpi=120)
+    fig.savefig(fig4_path, dpi=120)
     plt.close(fig)
+    return layer, var

@@ -21,6 +21,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import trainlib  # noqa: E402
 from trainlib import active_intervals, is_ffn  # noqa: E402
 
 DOCS = ROOT / "docs"
@@ -151,32 +152,11 @@ def plot_losses(runs, path, title):
 
 
 def plot_intervals(run, prefix):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     intervals = active_intervals(run["records"], run["config"]["r"])
     if not intervals:
         return None
-    layers = list(intervals)
-    layer = layers[len(layers) // 2]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(list(intervals[layer]), list(intervals[layer].values()), color="tab:orange")
-    ax.set(xlabel="singular index (descending singular value)", ylabel="steps active",
-           title=f"Active intervals of {layer} (cf. paper Fig. 5)")
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{prefix}_fig5_active_intervals.png", dpi=120)
-    plt.close(fig)
-    var = {l: float(np.var(list(v.values()))) for l, v in intervals.items()}
-    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(layers)), 4))
-    ax.bar(range(len(layers)), [var[l] for l in layers], color=["tab:green" if is_ffn(l) else "tab:blue" for l in layers])
-    ax.set_xticks(range(len(layers)), [l.removeprefix("bert.").replace("encoder.layer.", "L").replace("blocks.", "B") for l in layers],
-                  rotation=90, fontsize=6)
-    ax.set(ylabel="variance of active-interval length", title="Per-layer interval variance (cf. paper Fig. 4)")
-    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:blue", "tab:green")],
-              labels=["attention", "feed-forward"], loc="lower right", framealpha=0.9)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{prefix}_fig4_interval_variance.png", dpi=120)
-    plt.close(fig)
+    layer, var = trainlib.plot_intervals(intervals, RESULTS / f"{prefix}_fig5_active_intervals.png",
+                                         RESULTS / f"{prefix}_fig4_interval_variance.png")
     ffn = [v for l, v in var.items() if is_ffn(l)]
     att = [v for l, v in var.items() if not is_ffn(l)]
     if not (ffn and att):
@@ -188,14 +168,13 @@ def plot_intervals(run, prefix):
 
 def ablation_runs():
     """{run name: metrics of its SRLoRA run} for the ablation suite, plus DEFAULT from the text suite."""
-    runs = {name: run["metrics"][0] for name, run in load("ablations").items()}
+    runs = dict(load("ablations"))
     text = load("text").get(f"seed{SEEDS[0]}")
     if text:
-        runs[DEFAULT] = next(m for m in text["metrics"] if m["method"] == "srlora")
-        runs[DEFAULT]["early"] = early_loss(text["records"], "srlora", text["config"]["max_steps"])
-    for name, run in load("ablations").items():
-        runs[name]["early"] = early_loss(run["records"], "srlora", run["config"]["max_steps"])
-    return runs
+        runs[DEFAULT] = text
+    return {name: {**next(m for m in run["metrics"] if m["method"] == "srlora"),
+                   "early": early_loss(run["records"], "srlora", run["config"]["max_steps"])}
+            for name, run in runs.items()}
 
 
 def plot_ablations(runs, metric, path):
