@@ -21,6 +21,7 @@ importance state is reset.  Depends on torch alone.
 """
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,22 @@ def top_singular(W: torch.Tensor, k: int, method: str = "auto", niter: int = 4, 
     return (Q @ Ub)[..., :k], S[..., :k], Vh[..., :k, :]
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' Conv1D (GPT-2, GPT, ...): a linear map y = x W + b that stores W as (in, out).
+
+    Recognised by its class name, `nf` and weight shape, not by isinstance, so that this file needs
+    torch alone (PEFT calls this layout fan_in_fan_out).
+    """
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and weight.shape[1] == getattr(module, "nf", None))
+
+
+def _out_in_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of an nn.Linear or Conv1D in nn.Linear's (out, in) layout (a view for Conv1D)."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
 class SRLoRALinear(nn.Linear):
     """A frozen nn.Linear plus a trainable rank-r pair: y = x W^T + b + scaling * x A^T B^T.
 
@@ -117,14 +134,16 @@ class SRLoRALinear(nn.Linear):
     direction p sits in column p - r.  W and the basis are kept in fp32 (fp64 for fp64 input)
     so that repeated fuse/reinit does not accumulate half-precision rounding.
     `factors` = (U, S, Vh) of the top min(r_target, m, n) directions, if already computed.
+    `base` may also be a transformers Conv1D (see is_conv1d): W is then its weight transposed, kept
+    in this (out, in) layout, and merge_srlora() gives back a Conv1D.
     """
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 8.0, r_target: int = None,
                  init: str = "pissa", svd: str = "auto", factors=None):
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"SRLoRALinear wraps an nn.Linear, got {type(base).__name__}; "
-                             f"choose targets that name nn.Linear modules")
-        m, n = base.out_features, base.in_features
+        if not isinstance(base, nn.Linear) and not is_conv1d(base):
+            raise ValueError(f"SRLoRALinear wraps an nn.Linear or a transformers Conv1D, got "
+                             f"{type(base).__name__}; choose targets that name such modules")
+        m, n = _out_in_weight(base).shape
         d = min(m, n)
         r_target = r if r_target is None else r_target
         if not 1 <= r <= d:
@@ -140,8 +159,9 @@ class SRLoRALinear(nn.Linear):
         self.r, self.alpha, self.scaling, self.init = r, alpha, alpha / r, init
         self.r_target = min(r_target, d) if init == "pissa" else r   # a layer cannot visit more than d directions
         self.base_dtype = base.weight.dtype                          # merge_srlora() returns to it
+        self.base_type = type(base) if is_conv1d(base) else nn.Linear  # and to this layer type
         dtype = torch.promote_types(base.weight.dtype, torch.float32)
-        W0 = base.weight.detach().to(dtype)
+        W0 = _out_in_weight(base).detach().to(dtype).contiguous()
         if base.bias is not None:                                     # frozen; shares storage unless upcast
             self.bias = nn.Parameter(base.bias.detach().to(dtype), requires_grad=False)
 
@@ -212,7 +232,7 @@ class SRLoRALinear(nn.Linear):
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha}, r_target={self.r_target}, init={self.init}")
+                f"alpha={self.alpha}, r_target={self.r_target}, init={self.init}, base={self.base_type.__name__}")
 
 
 def srlora_layers(model: nn.Module):
@@ -225,34 +245,62 @@ def _matches(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _wrappable(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Linear) or is_conv1d(module)) and not isinstance(module, SRLoRALinear)
+
+
+def _weight_names(model: nn.Module) -> dict:
+    """{id(parameter): every name it has in model}: a tied weight (GPT-2's lm_head and wte) has two."""
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
 def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, **overrides) -> nn.Module:
-    """Replace every nn.Linear whose name matches `targets` by an SRLoRALinear; freeze the rest.
+    """Replace every nn.Linear (or transformers Conv1D) whose name matches `targets` by an
+    SRLoRALinear; freeze the rest.
 
     `targets` are name suffixes on dot boundaries: "value" matches "encoder.layer.0.attention.self.value",
     "output.dense" matches both "...attention.output.dense" and "...layer.0.output.dense".  Modules
-    that match but are not nn.Linear (a Conv2d named "proj") are left alone.  Same-shaped weights
-    share one batched SVD.  Afterwards only lora_A and lora_B require grad; unfreeze a classifier
-    head yourself.  Returns model, modified in place.
+    that match but cannot be wrapped (a Conv2d named "proj", a whole block) are left alone with a
+    warning that names them.  A weight tied to another module's (GPT-2's lm_head, tied to the token
+    embedding) is refused: SRLoRA replaces it by a residual, which would untie the two.  Same-shaped
+    weights share one batched SVD.  Afterwards only lora_A and lora_B require grad; unfreeze a
+    classifier head yourself.  Returns model, modified in place.
     """
     cfg = dataclasses.replace(config or SRLoRAConfig(), **overrides)
     check_gamma(cfg.gamma)
     targets = [cfg.targets] if isinstance(cfg.targets, str) else list(cfg.targets)
-    found = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and not isinstance(m, SRLoRALinear) and _matches(name, targets)]
+    matched = [(name, m) for name, m in model.named_modules() if _matches(name, targets)]
+    found = [(name, m) for name, m in matched if _wrappable(m)]
+    skipped = [f"{name} ({type(m).__name__})" for name, m in matched if not _wrappable(m)]
+    listed = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
     if not found:
-        raise ValueError(f"targets={targets} match no nn.Linear in {type(model).__name__}; "
-                         f"pass name suffixes of its linear layers, e.g. {_linear_names(model)[:4]}")
+        raise ValueError(f"targets={targets} match no nn.Linear or Conv1D in {type(model).__name__}"
+                         f"{' (only ' + listed + ')' if skipped else ''}; pass name suffixes of its "
+                         f"linear layers, e.g. {_linear_names(model)[:4]}")
+    if skipped:
+        warnings.warn(f"targets={targets} also match modules that are not nn.Linear or Conv1D, "
+                      f"left unchanged: {listed}", stacklevel=2)
+    weight_names = _weight_names(model)
+    for name, m in found:
+        tied = [other for other in weight_names.get(id(m.weight), ()) if other != f"{name}.weight"]
+        if tied:
+            raise ValueError(f"{name}.weight is tied to {tied[0]}; wrapping it would untie them, so "
+                             f"choose targets that do not match {name!r}")
     model.requires_grad_(False)
     factors = {}
     if cfg.init == "pissa":                    # one batched SVD per group of same-shaped weights
         groups = {}
         for name, m in found:
-            groups.setdefault((tuple(m.weight.shape), m.weight.device), []).append(name)
+            W = _out_in_weight(m)
+            groups.setdefault((tuple(W.shape), W.device), []).append(name)
         for (shape, _), names in groups.items():
             k = min(cfg.r_target, *shape)
             if k < cfg.r:                      # let SRLoRALinear raise its clear error
                 continue
-            Ws = torch.stack([model.get_submodule(nm).weight.detach() for nm in names])
+            Ws = torch.stack([_out_in_weight(model.get_submodule(nm)).detach() for nm in names])
             U, S, Vh = top_singular(Ws, k, cfg.svd)
             factors.update({nm: (U[i], S[i], Vh[i]) for i, nm in enumerate(names)})
             del Ws
@@ -265,19 +313,27 @@ def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, **overrides) -> 
 
 
 def _linear_names(model):
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+    """Last name parts of the modules apply_srlora can wrap, tied weights (GPT-2's lm_head) left out."""
+    weight_names = _weight_names(model)
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if _wrappable(m) and len(weight_names.get(id(m.weight), ())) <= 1})
 
 
 @torch.no_grad()
 def merge_srlora(model: nn.Module) -> nn.Module:
-    """Replace every SRLoRALinear by a plain, frozen nn.Linear holding effective_weight()."""
+    """Replace every SRLoRALinear by the frozen layer type it wrapped, nn.Linear or Conv1D, holding
+    effective_weight() in that type's own layout."""
     for name, layer in srlora_layers(model):
-        merged = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           device=layer.weight.device, dtype=layer.base_dtype)
-        merged.weight.copy_(layer.effective_weight())
+        W = layer.effective_weight().to(layer.base_dtype)
+        if layer.base_type is nn.Linear:
+            merged = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        else:                                                        # transformers Conv1D(nf, nx): W as (in, out)
+            with torch.device("meta"):                               # a shell: no weight allocated, no init run
+                merged = layer.base_type(layer.out_features, layer.in_features)
+            W = W.T
+        merged.weight = nn.Parameter(W.contiguous(), requires_grad=False)
         if layer.bias is not None:
-            merged.bias.copy_(layer.bias)
-        merged.requires_grad_(False)
+            merged.bias = nn.Parameter(layer.bias.detach().to(layer.base_dtype, copy=True), requires_grad=False)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, merged)
     return model

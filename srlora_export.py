@@ -30,8 +30,10 @@ PAPER_TARGETS = {
     "bert": ("query", "key", "value",                                 # Bert*, also the SRLoRAConfig default
              "attention.output.dense", "intermediate.dense", "output.dense"),
     "vit": ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),    # transformers ViT*; in 4.x it had the BERT names
-    "timm-vit": ("qkv", "proj", "fc1", "fc2"),                        # timm VisionTransformer: Q, K, V are one map;
-}                                                                     # "proj" skips patch_embed.proj, a Conv2d
+    "timm-vit": ("qkv", "attn.proj", "fc1", "fc2"),                   # timm VisionTransformer: Q, K, V are one map;
+                                                                      # "attn.proj", since patch_embed.proj is a Conv2d
+    "gpt2": ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"),          # GPT2* (transformers Conv1D): Q, K, V are one map;
+}                                                                     # lm_head is tied to wte and is not a target
 
 
 @torch.no_grad()
@@ -153,6 +155,7 @@ def export_lora_adapter(model: nn.Module, path, base, rank: int = None) -> dict:
             raise ValueError(f"{name}.bias differs from base, and a LoRA adapter carries no bias change; "
                              f"keep the biases of adapted layers frozen, or use export_merged")
         W0 = base_state[f"{name}.weight"].to(layer.weight.device, torch.float64)
+        W0 = W0.T if layer.base_type is not nn.Linear else W0             # a Conv1D stores it as (in, out)
         dW = layer.effective_weight().double() - W0                       # (m, n), fused pairs included
         # A direction of dW below eps sqrt(max(m, n)) ||W0||_2 moves W x less than the rounding of
         # W x itself in W's dtype; it is what recompose's in-place adds leave behind, not training.
@@ -203,7 +206,7 @@ def export_lora_adapter(model: nn.Module, path, base, rank: int = None) -> dict:
         "modules_to_save": modules_to_save or None,
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(adapted[name].base_type is not nn.Linear for name in exported),  # Conv1D (GPT-2)
         "init_lora_weights": True,
         "inference_mode": True,
     }

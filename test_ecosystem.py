@@ -6,6 +6,7 @@ weights (no download): small sizes, the real module names; the `slow` tests buil
 """
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from srlora import ImportanceTracker, SRLoRALinear, apply_srlora, recompose, srlora_layers, switch_steps
+from srlora import ImportanceTracker, SRLoRALinear, apply_srlora, merge_srlora, recompose, srlora_layers, switch_steps
 from srlora_export import PAPER_TARGETS, _svd_of_change, export_lora_adapter, export_merged, merged_state_dict
 
 
@@ -249,6 +250,13 @@ def family(name, full_size=False):
         config = transformers.DebertaV2Config(num_labels=3, **v3, **size)
         cls, inputs = transformers.DebertaV2ForSequenceClassification, tokens
         head = plain = ["pooler.dense", "classifier"]
+    elif name == "gpt2":
+        # GPT-2's maps are transformers Conv1D (weight stored (in, out)); the classifier is `score`.
+        size = (dict(vocab_size=1000) if full_size else
+                dict(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=32))
+        config = transformers.GPT2Config(num_labels=3, pad_token_id=0, bos_token_id=0, eos_token_id=0, **size)
+        cls, inputs = transformers.GPT2ForSequenceClassification, tokens
+        head = plain = ["score"]
     elif name == "bert":
         config = transformers.BertConfig(num_labels=3, **({} if full_size else dict(vocab_size=100, **small)))
         cls, inputs = transformers.BertForSequenceClassification, tokens
@@ -265,14 +273,17 @@ def family(name, full_size=False):
     return Family(make, inputs, hf_forward, head, plain, config.num_hidden_layers)
 
 
-FAMILIES = ["deberta-v2", "bert", "vit", "timm-vit"]
+FAMILIES = ["deberta-v2", "bert", "vit", "timm-vit", "gpt2"]
 R, R_TARGET = 4, 8
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_paper_targets_adapt_every_map_of_every_block_and_nothing_else(name):
     fam = family(name)
-    model = apply_srlora(fam.make(0), targets=PAPER_TARGETS[name], r=R, r_target=R_TARGET)
+    model = fam.make(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # no target matches a module it cannot wrap
+        apply_srlora(model, targets=PAPER_TARGETS[name], r=R, r_target=R_TARGET)
     adapted = [n for n, _ in srlora_layers(model)]
     assert len(adapted) == fam.blocks * len(PAPER_TARGETS[name])
     for target in PAPER_TARGETS[name]:                       # every name is used, in every block
@@ -321,12 +332,27 @@ def test_merged_weights_load_strictly_into_a_fresh_instance_with_the_same_output
     assert srlora_layers(model)                              # still an SRLoRA model
 
 
+def test_merge_gives_back_each_layers_own_type_in_its_own_layout(trained):
+    fam, base, model, inputs, _ = trained
+    merged = merge_srlora(copy.deepcopy(model))
+    for name, layer in srlora_layers(model):
+        original, back = base.get_submodule(name), merged.get_submodule(name)
+        assert type(back) is type(original) and back.weight.shape == original.weight.shape   # Conv1D: (in, out)
+        assert not back.weight.requires_grad
+    with torch.no_grad():
+        assert_same_outputs(fam.forward(merged, inputs), fam.forward(model, inputs))
+
+
 def test_peft_loads_the_exported_adapter_onto_the_base_with_the_same_outputs(trained, tmp_path):
     peft = pytest.importorskip("peft")
     fam, base, model, inputs, _ = trained
     report = export_lora_adapter(model, tmp_path, base)
     assert max(report["rank"].values()) > R                  # W moved: the adapter alone is not dW
-    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    conv1d = [type(base.get_submodule(name)).__name__ == "Conv1D" for name in report["rank"]]
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] == any(conv1d) == all(conv1d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)          # PEFT warns when it has to correct fan_in_fan_out
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
     with torch.no_grad():
         assert_same_outputs(fam.forward(loaded, inputs), fam.forward(model, inputs))
         merged = loaded.merge_and_unload()
@@ -363,3 +389,37 @@ def test_paper_targets_on_the_full_size_model_keep_the_outputs(name):
         assert [n for n, m in model.named_modules() if type(m) is nn.Linear] == fam.plain
         # 12 blocks of 768-wide fp32 products feed logits of ~0.04 from a random head: 10x the rounding
         assert_same_outputs(fam.forward(model, inputs), before, tol=1e-4)
+
+
+def test_gpt2_lm_adapts_every_conv1d_refuses_the_tied_head_and_round_trips_through_peft(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(config).eval()
+    assert base.lm_head.weight is base.transformer.wte.weight
+    with pytest.raises(ValueError, match=r"^lm_head.weight is tied to transformer.wte.weight; "):
+        apply_srlora(copy.deepcopy(base), targets=["c_attn", "lm_head"])
+    with pytest.raises(ValueError, match=r"e.g. \['c_attn', 'c_fc', 'c_proj'\]$"):   # never the tied lm_head
+        apply_srlora(copy.deepcopy(base), targets=["nothing"])
+
+    model = apply_srlora(copy.deepcopy(base), targets=["c_attn", "c_proj", "c_fc"], r=R, r_target=R_TARGET)
+    conv1d = [n for n, m in base.named_modules() if type(m) is transformers.pytorch_utils.Conv1D]
+    assert [n for n, _ in srlora_layers(model)] == conv1d and len(conv1d) == 2 * 4   # "c_proj": attn's and mlp's
+    ids = tokens()["input_ids"]
+    with torch.no_grad():
+        assert_same_outputs(model(ids).logits, base(ids).logits)
+    next_token = lambda m, x: m(input_ids=x).logits[:, -1]
+    events, _ = train(model, ids[:, :-1], ids[:, -1], next_token, steps=4)
+    assert len(events) == 2 * len(srlora_layers(model))
+
+    export_lora_adapter(model, tmp_path, base)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert_same_outputs(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    merged = merge_srlora(model)
+    assert all(type(merged.get_submodule(n)) is transformers.pytorch_utils.Conv1D for n in conv1d)
+    assert merged.lm_head.weight is merged.transformer.wte.weight
+    with torch.no_grad():
+        assert_same_outputs(merged(input_ids=ids).logits, loaded(input_ids=ids).logits)

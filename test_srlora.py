@@ -376,13 +376,72 @@ def test_bad_switch_arguments_raise_value_error():
         recompose(model, tracker, 0.5, moments="zero")
 
 
-def test_non_linear_modules_that_match_a_target_are_left_alone():
+def test_non_linear_modules_that_match_a_target_are_left_alone_with_a_warning_naming_them():
     model = nn.Sequential()
     model.add_module("proj", nn.Conv2d(3, 4, 1))
     model.add_module("block", nn.Module())
     model.block.add_module("proj", nn.Linear(4, 4))
-    apply_srlora(model, targets=["proj"], r=2, r_target=4)
+    with pytest.warns(UserWarning, match=r"left unchanged: proj \(Conv2d\)$"):
+        apply_srlora(model, targets=["proj"], r=2, r_target=4)
     assert isinstance(model.proj, nn.Conv2d) and isinstance(model.block.proj, SRLoRALinear)
+    with pytest.raises(ValueError, match=r"match no nn.Linear or Conv1D in Sequential \(only proj \(Conv2d\), block "
+                                         r"\(Module\), block.proj \(SRLoRALinear\)\)"):
+        apply_srlora(model, targets=["proj", "block"], r=2, r_target=4)   # nothing left that it can wrap
+
+
+class TiedNet(nn.Module):
+    """A language-model shape: the output head reuses the token embedding's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.mlp = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 20, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_a_tied_weight_is_refused_naming_both_modules_and_never_suggested():
+    with pytest.raises(ValueError, match=r"^head.weight is tied to embed.weight; .* do not match 'head'$"):
+        apply_srlora(TiedNet(), targets=["mlp", "head"], r=2, r_target=4)
+    with pytest.raises(ValueError, match=r"e.g. \['mlp'\]$"):
+        apply_srlora(TiedNet(), targets=["nothing"], r=2, r_target=4)
+
+
+class Conv1D(nn.Module):
+    """transformers.pytorch_utils.Conv1D as GPT-2 uses it (copied, so this test needs torch alone):
+    a linear map y = x W + b whose weight is stored (in, out)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
+
+
+@given(layer_args(), st.sampled_from(["pissa", "lora"]))
+def test_conv1d_is_wrapped_transposed_and_merges_back_to_a_conv1d_in_its_own_layout(args, init):
+    m, n, r, r_target, alpha, _, seed = args
+    torch.manual_seed(seed)
+    base = Conv1D(m, n)
+    nn.init.normal_(base.bias)
+    model = wrap(copy.deepcopy(base))
+    apply_srlora(model, targets=["layer"], r=r, alpha=alpha, r_target=r_target, init=init)
+    layer = model.layer
+    x = torch.randn(3, 5, n)
+    torch.testing.assert_close(layer(x), base(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        layer.lora_B.add_(torch.randn_like(layer.lora_B))              # stand-in for training
+    y, W = layer(x), layer.effective_weight()
+    merge_srlora(model)
+    assert type(model.layer) is Conv1D and model.layer.nf == m and model.layer.nx == n
+    assert model.layer.weight.shape == (n, m) and not model.layer.weight.requires_grad
+    torch.testing.assert_close(model.layer.weight, W.T, rtol=0, atol=0)
+    torch.testing.assert_close(model.layer(x), y, rtol=1e-5, atol=1e-5)
+    assert wrap(Conv1D(m, n)).load_state_dict(model.state_dict(), strict=True)
 
 
 def test_half_precision_model_runs_with_fp32_residual_and_basis():
