@@ -20,7 +20,7 @@ import torch
 import train_glue
 from bert import BertClassifier, BertConfig, Tokenizer, load_classifier, pad_batch
 from train_glue import accuracy, f1, matthews, pearson, ranks, read_glue, spearman, task_metrics
-from trainlib import UserError
+from trainlib import UserError, parse_config, print_help, warmup_warning
 
 ROOT = Path(__file__).resolve().parent
 
@@ -550,6 +550,14 @@ def test_bad_input_exits_2_with_one_line_and_keeps_the_previous_run(tiny, bad_in
     assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
     assert lines[0].startswith("error: ") and BAD_INPUT[case][1] in lines[0], lines[0]
     assert snapshot(runs) == before and snapshot(runs / "prev") == snapshot(tiny["prev"])
+
+
+def test_sst2_cut_to_150_steps_warns_that_the_preset_warmup_keeps_the_lr_at_30_percent(capsys):
+    cfg = parse_config(train_glue.GlueConfig, ["--task=sst2", "--max_steps=150"], train_glue.PRESETS, "task")
+    assert warmup_warning(cfg).startswith("warning: --warmup=500 is not shorter than the 150 steps of this run, "
+                                          "so the learning rate peaks at 30% of --lr=3e-05")
+    print_help(train_glue.GlueConfig)                                # --help says the warm-up is not scaled
+    assert "not scaled with --max_steps" in next(l for l in capsys.readouterr().out.splitlines() if "--warmup=" in l)
 
 
 def test_the_script_itself_exits_2_with_one_line(tiny, tmp_path):

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -87,6 +88,27 @@ def test_bad_flags_raise_one_line_user_errors(argv, match):
 
 def test_steps_for_counts_epochs_and_caps_at_max_steps():
     assert steps_for(2, 100, 16) == 14 and steps_for(2, 100, 16, max_steps=5) == 5
+
+
+@given(warmup=st.integers(0, 600), max_steps=st.integers(1, 600))
+@settings(max_examples=50, deadline=None)
+def test_warmup_warning_fires_when_the_warmup_is_not_shorter_than_the_run_and_states_the_lr_peak(warmup, max_steps):
+    cfg = ToyConfig(warmup=warmup, max_steps=max_steps, lr=3e-5)
+    peak = max(map(trainlib.lr_lambda(cfg), range(max_steps)))      # the factors of the steps the run takes
+    message = trainlib.warmup_warning(cfg)
+    assert (message is not None) == (warmup >= max_steps)
+    if message is None:
+        assert peak == 1.0
+    else:
+        assert f"--warmup={warmup} " in message and f"peaks at {peak:.0%} of --lr=3e-05" in message
+
+
+def test_a_warmup_longer_than_the_run_is_warned_on_stderr_before_training(tmp_path, capsys):
+    run(tmp_path, method="lora", warmup=10, max_steps=4)
+    err = capsys.readouterr().err
+    assert "warning: --warmup=10 is not shorter than the 4 steps of this run" in err
+    run(tmp_path, method="lora", overwrite=True)                     # the toy's warm-up of 5 in 40 steps
+    assert "--warmup" not in capsys.readouterr().err
 
 
 def test_a_run_writes_config_log_metrics_and_table(tmp_path):

@@ -47,7 +47,7 @@ class VisionConfig(TrainConfig):
     schedule: str = "cosine"           # the paper's ViT schedule
     lr: float = 0.005                  # PiSSA-initialised adapters diverged at 0.05 (see README)
     head_lr: float = 0.0               # 0: lr.  DINOv2's class features have |f|^2 ~ 1600, so SGD on the head diverged at 0.05
-    warmup: int = 6                    # scaled down with the steps (the paper: 500 of 5000)
+    warmup: int = 6                    # the paper's 500 of 5000 steps, cut by hand for the demo; not scaled with --max_steps: a run no longer than it warns
     max_steps: int = 60                # per method; 3 x 60 steps fit the 10-minute CPU budget
     batch_size: int = 32
     eval_every: int = 30

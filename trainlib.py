@@ -117,7 +117,7 @@ class TrainConfig:
     weight_decay: float = 0.0         # the paper uses none
     momentum: float = 0.9             # sgd only
     schedule: str = "linear"          # after warm-up: linear decay to 0 (GLUE) or cosine (ViT)
-    warmup: int = 500                 # the paper's warm-up steps
+    warmup: int = 500                 # the paper's warm-up steps; not scaled with --max_steps: a run no longer than it warns
     max_steps: int = 0                # optimizer steps; the scripts compute it (steps_for)
     batch_size: int = 16              # examples per optimizer step, over all grad_accum micro-batches and ranks
     grad_accum: int = 1               # micro-batches per optimizer step
@@ -441,6 +441,20 @@ def lr_lambda(cfg):
     return factor
 
 
+def warmup_warning(cfg):
+    """The warning for a warm-up that is not shorter than the run, or None.
+
+    The warm-up is kept as given, not scaled with max_steps: a preset's value is the paper's, and a
+    flag that silently changed meaning with another flag would make runs hard to compare.
+    """
+    if cfg.warmup < cfg.max_steps:
+        return None
+    peak = cfg.max_steps / cfg.warmup                  # lr_lambda at the last step, max_steps - 1
+    return (f"warning: --warmup={cfg.warmup} is not shorter than the {cfg.max_steps} steps of this run, so "
+            f"the learning rate peaks at {peak:.0%} of --lr={cfg.lr:g}; pass a shorter --warmup, "
+            f"e.g. --warmup={max(1, cfg.max_steps // 10)}")
+
+
 def adapted_state(model):
     """What training changes: every tensor of every SRLoRALinear (residual W, A, B, basis,
     active_indices, next_index) and every trainable parameter (the head)."""
@@ -657,8 +671,9 @@ def run_methods(cfg, *, task, build, n_train, make_batch, loss_fn, evaluate, hea
                         f"x {world} processes")
     device = pick_device(cfg)
     run = Run(cfg, task, writer=rank == 0)
-    if cfg.warmup >= cfg.max_steps and rank == 0:
-        print(f"note: --warmup={cfg.warmup} >= {cfg.max_steps} steps, so the learning rate never reaches --lr")
+    warning = warmup_warning(cfg)
+    if warning and rank == 0:
+        print(warning, file=sys.stderr)
     results = list(run.done)
     todo = [m for m in method_list(cfg) if m not in {r["method"] for r in results}]
     seed_everything(cfg.seed)
