@@ -192,6 +192,7 @@ def test_tracker_scores_equal_direct_evaluation_of_eq_3_to_7(seed, beta1, beta2,
     tracker = ImportanceTracker(model, beta1=beta1, beta2=beta2)
     layers = [model.query, model.value]
     ref = {id(p): [torch.zeros_like(p, dtype=torch.float64)] * 2 for l in layers for p in (l.lora_A, l.lora_B)}
+    sens_max = 0.0
     for step in range(n_steps):
         for l in layers:
             for p in (l.lora_A, l.lora_B):
@@ -201,6 +202,7 @@ def test_tracker_scores_equal_direct_evaluation_of_eq_3_to_7(seed, beta1, beta2,
                 p.grad = torch.randn(p.shape, generator=g)
                 ibar, ubar = ref[id(p)]
                 sens = (p.detach().double() * p.grad.double()).abs()
+                sens_max = max(sens_max, sens.max().item())
                 ibar = beta1 * ibar + (1 - beta1) * sens
                 ubar = beta2 * ubar + (1 - beta2) * (sens - ibar).abs()
                 ref[id(p)] = [ibar, ubar]
@@ -208,7 +210,10 @@ def test_tracker_scores_equal_direct_evaluation_of_eq_3_to_7(seed, beta1, beta2,
     for l in layers:
         (ia, ua), (ib, ub) = ref[id(l.lora_A)], ref[id(l.lora_B)]
         expected = (ib * ub).mean(0) + (ia * ua).mean(1)
-        torch.testing.assert_close(tracker.pair_scores(l).double(), expected, rtol=1e-5, atol=1e-12)
+        # Eq. (5) subtracts two nearly equal fp32 numbers when beta1 is small, so Ubar carries an
+        # absolute error of a few fp32 eps times the sensitivity; Ibar * Ubar then errs by eps * sens^2.
+        atol = 16 * torch.finfo(torch.float32).eps * sens_max ** 2
+        torch.testing.assert_close(tracker.pair_scores(l).double(), expected, rtol=1e-5, atol=atol)
 
 
 @given(st.integers(0, 1000), st.sampled_from(["recycled", "all"]))
