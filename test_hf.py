@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from srlora import SRLoRALinear, apply_srlora, srlora_layers
 from srlora_export import PAPER_TARGETS
+from srlora_hf import TRACKER_FILE          # importing srlora_hf needs no transformers; SRLoRACallback does
 
 
 # r and alpha travel with the state dict ------------------------------------------------------------
@@ -55,15 +56,22 @@ def test_next_index_stays_a_python_int_after_a_load():
     assert type(b.next_index) is int and b.next_index == a.next_index == 4
 
 
-# Hugging Face models -------------------------------------------------------------------------------
+def test_srlora_hf_imports_without_transformers_and_needs_it_only_for_the_callback():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['transformers'] = None; import srlora_hf\n"
+            "try:\n    from srlora_hf import SRLoRACallback\nexcept ImportError:\n    print('needs transformers')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert done.returncode == 0 and done.stdout == "needs transformers\n", done.stderr
 
-transformers = pytest.importorskip("transformers")
-from srlora_hf import TRACKER_FILE, SRLoRACallback  # noqa: E402  (needs transformers at first use)
+
+# Hugging Face models -------------------------------------------------------------------------------
 
 R, R_TARGET = 4, 12          # r' = 2 at gamma 0.5: four switches per run
 
 
 def tiny_llama(seed):
+    transformers = pytest.importorskip("transformers")        # skips each Hugging Face test, not the file
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2)
@@ -79,6 +87,8 @@ def train(out, max_steps=24, batch=4, accumulation=2, resume=False, optim="adamw
           model=None, save_steps=6):
     """One Trainer run of a freshly wrapped tiny Llama (the same one every time); returns model, callback, trainer."""
     model = model or apply_srlora(tiny_llama(0), targets=PAPER_TARGETS["llama"], r=R, r_target=R_TARGET)
+    import transformers
+    from srlora_hf import SRLoRACallback
     callback = SRLoRACallback(gamma=0.5)
     args = transformers.TrainingArguments(
         str(out), max_steps=max_steps, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
@@ -98,6 +108,7 @@ def test_llama_paper_targets_adapt_all_seven_projections_of_every_block():
 
 @pytest.mark.parametrize("via", ["save_pretrained", "safetensors"])
 def test_a_saved_model_loads_into_a_freshly_wrapped_one_with_identical_outputs(tmp_path, via):
+    pytest.importorskip("safetensors")
     from safetensors.torch import load_file, save_file
     model, _, _ = train(tmp_path / "run", max_steps=8, save_steps=1000)      # switches at 2, 4, 6, 8
     if via == "save_pretrained":
@@ -151,6 +162,7 @@ def test_resuming_without_the_tracker_file_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.filterwarnings("ignore:optimizer Adafactor keeps state")       # its factored 2nd moment: expected
 @pytest.mark.parametrize("optim", ["adamw_torch", "sgd", "adafactor"])
 def test_the_trainers_own_optimizer_switches_and_loses_the_recycled_first_moments(tmp_path, optim):
     model, callback, trainer = train(tmp_path / "run", max_steps=8, optim=optim, save_steps=1000)
