@@ -106,21 +106,25 @@ def test_llama_paper_targets_adapt_all_seven_projections_of_every_block():
     assert len(names) == 7 * 2 and {n.rsplit(".", 1)[-1] for n in names} == set(PAPER_TARGETS["llama"])
 
 
-@pytest.mark.parametrize("via", ["save_pretrained", "safetensors"])
+@pytest.mark.parametrize("via", ["save_pretrained", "save_pretrained sharded", "safetensors"])
 def test_a_saved_model_loads_into_a_freshly_wrapped_one_with_identical_outputs(tmp_path, via):
     pytest.importorskip("safetensors")
     from safetensors.torch import load_file, save_file
+    from transformers.trainer_utils import load_sharded_checkpoint
     model, _, _ = train(tmp_path / "run", max_steps=8, save_steps=1000)      # switches at 2, 4, 6, 8
-    if via == "save_pretrained":
-        model.save_pretrained(tmp_path / "saved")
-        state = load_file(str(tmp_path / "saved" / "model.safetensors"))
-    else:
-        save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
-        state = load_file(str(tmp_path / "model.safetensors"))
     # Same targets, r and r_target, but other pretrained weights, hence another basis.
     fresh = apply_srlora(tiny_llama(1), targets=PAPER_TARGETS["llama"], r=R, r_target=R_TARGET)
     assert not torch.equal(fresh.model.layers[0].mlp.up_proj.U, model.model.layers[0].mlp.up_proj.U)
-    fresh.load_state_dict(state, strict=True)
+    if via == "save_pretrained":
+        model.save_pretrained(tmp_path / "saved")
+        fresh.load_state_dict(load_file(str(tmp_path / "saved" / "model.safetensors")), strict=True)
+    elif via == "save_pretrained sharded":
+        model.save_pretrained(tmp_path / "saved", max_shard_size="20KB")
+        assert len(list((tmp_path / "saved").glob("model-*.safetensors"))) > 1
+        load_sharded_checkpoint(fresh, str(tmp_path / "saved"), strict=True)
+    else:
+        save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+        fresh.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=True)
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     model.eval(), fresh.eval()
     with torch.no_grad():
