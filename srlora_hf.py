@@ -67,12 +67,12 @@ class SRLoRACallbackLogic:
                                  f"in args.output_dir")
             self.tracker.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
-    # Importance sees the gradients the optimizer is about to apply: after the Trainer's
-    # max_grad_norm clipping (this hook fires after it) and, under fp16 loss scaling, possibly
-    # still scaled.  The paper is silent.  Global clipping multiplies every gradient of a step by
-    # one factor, so it never reorders the pairs that one layer compares in Eq. (8); it only gives
-    # clipped steps less weight in the EMAs, as AdaLoRA in the same Trainer does.  For the
-    # sensitivity of the unclipped loss gradient, set max_grad_norm=0 in TrainingArguments.
+    # Importance sees the gradients the optimizer is about to apply: this hook fires after the
+    # Trainer's max_grad_norm clipping (and after fp16 unscaling).  The paper is silent.  We keep
+    # the clipped ones: global clipping multiplies every gradient of a step by one factor, so it
+    # never reorders the pairs that one layer compares in Eq. (8); it only gives clipped steps less
+    # weight in the EMAs, and a spike that clipping tames does not dominate the scores either.
+    # For the sensitivity of the unclipped gradient, set max_grad_norm=0 in TrainingArguments.
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.tracker.update()                                                # Eq. (3)-(5)
 
@@ -90,7 +90,7 @@ class SRLoRACallbackLogic:
                   f"brought in directions {span}")
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if args.should_save:                                       # the processes that wrote the checkpoint
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             torch.save(self.tracker.state_dict(), os.path.join(folder, TRACKER_FILE))
 
