@@ -65,6 +65,16 @@ def test_srlora_hf_imports_without_transformers_and_needs_it_only_for_the_callba
     assert done.returncode == 0 and done.stdout == "needs transformers\n", done.stderr
 
 
+def test_a_state_dict_saved_with_next_index_in_a_dict_still_loads():
+    torch.manual_seed(0)
+    a = SRLoRALinear(nn.Linear(12, 10), r=2, r_target=8)
+    a.recycle(torch.tensor([0, 1]))
+    old = {**a.state_dict(), "_extra_state": {"next_index": a.next_index}}     # as saved before the tensor form
+    b = SRLoRALinear(nn.Linear(12, 10), r=2, r_target=8)
+    b.load_state_dict(old)
+    assert b.next_index == 4 and torch.equal(b.effective_weight(), a.effective_weight())
+
+
 # Hugging Face models -------------------------------------------------------------------------------
 
 R, R_TARGET = 4, 12          # r' = 2 at gamma 0.5: four switches per run
