@@ -120,8 +120,8 @@ def test_llama_paper_targets_adapt_all_seven_projections_of_every_block():
 def test_a_saved_model_loads_into_a_freshly_wrapped_one_with_identical_outputs(tmp_path, via):
     pytest.importorskip("safetensors")
     from safetensors.torch import load_file, save_file
-    from transformers.trainer_utils import load_sharded_checkpoint
     model, _, _ = train(tmp_path / "run", max_steps=8, save_steps=1000)      # switches at 2, 4, 6, 8
+    from transformers.trainer_utils import load_sharded_checkpoint
     # Same targets, r and r_target, but other pretrained weights, hence another basis.
     fresh = apply_srlora(tiny_llama(1), targets=PAPER_TARGETS["llama"], r=R, r_target=R_TARGET)
     assert not torch.equal(fresh.model.layers[0].mlp.up_proj.U, model.model.layers[0].mlp.up_proj.U)
