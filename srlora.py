@@ -223,12 +223,23 @@ class SRLoRALinear(nn.Linear):
         self.next_index = p + k
         return {"slots": slots, "fused_out": fused_out, "brought_in": list(range(p, p + k))}
 
-    # next_index is a Python int (no device sync to read it); it travels in the state dict here.
+    # next_index stays a Python int (no device sync to read it).  It travels in the state dict as
+    # one small tensor, (next_index, r, alpha), because save_pretrained and safetensors store tensors only.
     def get_extra_state(self):
-        return {"next_index": self.next_index}
+        return torch.tensor([self.next_index, self.r, self.alpha], dtype=torch.float64)
 
     def set_extra_state(self, state):
-        self.next_index = int(state["next_index"])
+        self.next_index = int(state["next_index"] if isinstance(state, dict) else state[0])  # dict: older saves
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Refuse a state dict saved with another r or alpha before any tensor is copied: a different
+        # scaling = alpha / r would load without a shape error and silently change the outputs.
+        saved = state_dict.get(prefix + "_extra_state")
+        if torch.is_tensor(saved) and (int(saved[1]), float(saved[2])) != (self.r, float(self.alpha)):
+            raise ValueError(f"{prefix[:-1] or 'layer'}: the state dict was saved with r={int(saved[1])}, "
+                             f"alpha={float(saved[2])} but this model has r={self.r}, alpha={self.alpha}; "
+                             f"wrap it with apply_srlora(..., r={int(saved[1])}, alpha={float(saved[2])}) before loading")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

@@ -29,6 +29,8 @@ PAPER_TARGETS = {
                    "attention.output.dense", "intermediate.dense", "output.dense"),
     "bert": ("query", "key", "value",                                 # Bert*, also the SRLoRAConfig default
              "attention.output.dense", "intermediate.dense", "output.dense"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj",                 # Llama*, Mistral*, Qwen2*: the FFN is
+              "gate_proj", "up_proj", "down_proj"),                   # gated, three maps where BERT has two
     "vit": ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),    # transformers ViT*; in 4.x it had the BERT names
     "timm-vit": ("qkv", "attn.proj", "fc1", "fc2"),                   # timm VisionTransformer: Q, K, V are one map;
                                                                       # "attn.proj", since patch_embed.proj is a Conv2d

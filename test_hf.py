@@ -1,0 +1,213 @@
+"""SRLoRA in the Hugging Face workflow: save_pretrained / safetensors, r and alpha in the state dict,
+and SRLoRACallback in transformers' Trainer (gradient accumulation, resume, any optimizer).
+
+The state-dict tests need torch alone; the rest skip when transformers is missing.  Every model is a
+tiny Llama built from a LlamaConfig (hidden 32, 2 layers, random weights), trained on CPU.
+"""
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings, strategies as st
+
+from srlora import SRLoRALinear, apply_srlora, srlora_layers
+from srlora_export import PAPER_TARGETS
+from srlora_hf import TRACKER_FILE          # importing srlora_hf needs no transformers; SRLoRACallback does
+
+
+# r and alpha travel with the state dict ------------------------------------------------------------
+
+@given(r=st.integers(1, 6), alpha=st.sampled_from([1.0, 4.0, 8.0, 16.0]),
+       r2=st.integers(1, 6), alpha2=st.sampled_from([1.0, 4.0, 8.0, 16.0]))
+@settings(max_examples=30, deadline=None)
+def test_a_state_dict_loads_only_into_a_layer_with_its_r_and_alpha(r, alpha, r2, alpha2):
+    torch.manual_seed(0)
+    saved = nn.Sequential(SRLoRALinear(nn.Linear(12, 10), r=r, alpha=alpha, r_target=8)).state_dict()
+    other = nn.Sequential(SRLoRALinear(nn.Linear(12, 10), r=r2, alpha=alpha2, r_target=8))
+    if (r, alpha) == (r2, alpha2):
+        other.load_state_dict(saved, strict=True)
+        assert all(torch.equal(v, other.state_dict()[k]) for k, v in saved.items())
+        return
+    with pytest.raises(ValueError) as e:
+        other.load_state_dict(saved, strict=True)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("0:")              # names the layer ("0" in the Sequential)
+    assert f"r={r}, alpha={alpha}" in msg and f"r={r2}, alpha={alpha2}" in msg and "apply_srlora(" in msg
+
+
+def test_a_state_dict_of_another_alpha_is_refused_before_any_weight_is_copied():
+    torch.manual_seed(0)
+    saved = SRLoRALinear(nn.Linear(12, 10), r=4, alpha=4.0, r_target=8).state_dict()
+    layer = SRLoRALinear(nn.Linear(12, 10), r=4, alpha=8.0, r_target=8)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match="layer: the state dict was saved with r=4, alpha=4.0"):
+        layer.load_state_dict(saved)
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
+
+
+def test_next_index_stays_a_python_int_after_a_load():
+    torch.manual_seed(0)
+    a = SRLoRALinear(nn.Linear(12, 10), r=2, r_target=8)
+    a.recycle(torch.tensor([0, 1]))
+    b = SRLoRALinear(nn.Linear(12, 10), r=2, r_target=8)
+    b.load_state_dict(a.state_dict())
+    assert type(b.next_index) is int and b.next_index == a.next_index == 4
+
+
+def test_srlora_hf_imports_without_transformers_and_needs_it_only_for_the_callback():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['transformers'] = None; import srlora_hf\n"
+            "try:\n    from srlora_hf import SRLoRACallback\nexcept ImportError:\n    print('needs transformers')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert done.returncode == 0 and done.stdout == "needs transformers\n", done.stderr
+
+
+def test_a_state_dict_saved_with_next_index_in_a_dict_still_loads():
+    torch.manual_seed(0)
+    a = SRLoRALinear(nn.Linear(12, 10), r=2, r_target=8)
+    a.recycle(torch.tensor([0, 1]))
+    old = {**a.state_dict(), "_extra_state": {"next_index": a.next_index}}     # as saved before the tensor form
+    b = SRLoRALinear(nn.Linear(12, 10), r=2, r_target=8)
+    b.load_state_dict(old)
+    assert b.next_index == 4 and torch.equal(b.effective_weight(), a.effective_weight())
+
+
+# Hugging Face models -------------------------------------------------------------------------------
+
+R, R_TARGET = 4, 12          # r' = 2 at gamma 0.5: four switches per run
+
+
+def tiny_llama(seed):
+    transformers = pytest.importorskip("transformers")        # skips each Hugging Face test, not the file
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def token_data(n=64, seq=16):
+    ids = torch.randint(0, 64, (n, seq), generator=torch.Generator().manual_seed(0))
+    return [{"input_ids": x, "labels": x} for x in ids]
+
+
+def train(out, max_steps=24, batch=4, accumulation=2, resume=False, optim="adamw_torch", optimizers=(None, None),
+          model=None, save_steps=6):
+    """One Trainer run of a freshly wrapped tiny Llama (the same one every time); returns model, callback, trainer."""
+    model = model or apply_srlora(tiny_llama(0), targets=PAPER_TARGETS["llama"], r=R, r_target=R_TARGET)
+    import transformers
+    from srlora_hf import SRLoRACallback
+    callback = SRLoRACallback(gamma=0.5)
+    args = transformers.TrainingArguments(
+        str(out), max_steps=max_steps, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+        learning_rate=1e-3, optim=optim, save_strategy="steps", save_steps=save_steps, logging_steps=1000,
+        report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=token_data(), callbacks=[callback],
+                                   optimizers=optimizers)
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    return model, callback, trainer
+
+
+def test_llama_paper_targets_adapt_all_seven_projections_of_every_block():
+    model = apply_srlora(tiny_llama(0), targets=PAPER_TARGETS["llama"], r=R, r_target=R_TARGET)
+    names = [n for n, _ in srlora_layers(model)]
+    assert len(names) == 7 * 2 and {n.rsplit(".", 1)[-1] for n in names} == set(PAPER_TARGETS["llama"])
+
+
+@pytest.mark.parametrize("via", ["save_pretrained", "save_pretrained sharded", "safetensors"])
+def test_a_saved_model_loads_into_a_freshly_wrapped_one_with_identical_outputs(tmp_path, via):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_file, save_file
+    model, _, _ = train(tmp_path / "run", max_steps=8, save_steps=1000)      # switches at 2, 4, 6, 8
+    from transformers.trainer_utils import load_sharded_checkpoint
+    # Same targets, r and r_target, but other pretrained weights, hence another basis.
+    fresh = apply_srlora(tiny_llama(1), targets=PAPER_TARGETS["llama"], r=R, r_target=R_TARGET)
+    assert not torch.equal(fresh.model.layers[0].mlp.up_proj.U, model.model.layers[0].mlp.up_proj.U)
+    if via == "save_pretrained":
+        model.save_pretrained(tmp_path / "saved")
+        fresh.load_state_dict(load_file(str(tmp_path / "saved" / "model.safetensors")), strict=True)
+    elif via == "save_pretrained sharded":
+        model.save_pretrained(tmp_path / "saved", max_shard_size="20KB")
+        assert len(list((tmp_path / "saved").glob("model-*.safetensors"))) > 1
+        load_sharded_checkpoint(fresh, str(tmp_path / "saved"), strict=True)
+    else:
+        save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+        fresh.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=True)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+    assert [l.next_index for _, l in srlora_layers(fresh)] == [l.next_index for _, l in srlora_layers(model)] == [12] * 14
+
+
+def test_importance_with_gradient_accumulation_equals_importance_of_one_big_batch(tmp_path):
+    _, accumulated, _ = train(tmp_path / "a", max_steps=5, batch=4, accumulation=2)
+    _, big_batch, _ = train(tmp_path / "b", max_steps=5, batch=8, accumulation=1)
+    for x, y in zip(accumulated.tracker.ibar + accumulated.tracker.ubar, big_batch.tracker.ibar + big_batch.tracker.ubar):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-10)
+
+
+def test_switches_follow_eq_13_14_from_max_steps(tmp_path):
+    _, callback, _ = train(tmp_path / "run", max_steps=24)
+    assert sorted({e["step"] for e in callback.events}) == [6, 12, 18, 24]          # (12-4)//2 = 4 switches
+    assert len(callback.events) == 4 * 14 and os.path.isfile(tmp_path / "run" / "checkpoint-12" / TRACKER_FILE)
+
+
+@pytest.mark.parametrize("resume_at", [12, 15])      # at a switch step, and between two
+def test_a_resumed_trainer_run_makes_the_same_switches_and_ends_with_the_same_weights(tmp_path, resume_at):
+    whole, whole_cb, _ = train(tmp_path / "whole", max_steps=24, save_steps=resume_at)
+    shutil.copytree(tmp_path / "whole" / f"checkpoint-{resume_at}", tmp_path / "resumed" / f"checkpoint-{resume_at}")
+    resumed, resumed_cb, _ = train(tmp_path / "resumed", max_steps=24, resume=True)
+    assert resumed_cb.events == [e for e in whole_cb.events if e["step"] > resume_at] != []
+    for (name, a), (_, b) in zip(srlora_layers(whole), srlora_layers(resumed)):
+        assert torch.equal(a.effective_weight(), b.effective_weight()), name
+        assert a.next_index == b.next_index
+    for x, y in zip(whole_cb.tracker.ibar + whole_cb.tracker.ubar, resumed_cb.tracker.ibar + resumed_cb.tracker.ubar):
+        assert torch.equal(x, y)
+
+
+def test_resuming_without_the_tracker_file_is_refused_in_one_line(tmp_path):
+    train(tmp_path / "run", max_steps=12)
+    os.remove(tmp_path / "run" / "checkpoint-12" / TRACKER_FILE)
+    with pytest.raises(ValueError, match=f"checkpoint-12.{TRACKER_FILE} is missing") as e:
+        train(tmp_path / "run", max_steps=24, resume=True)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.filterwarnings("ignore:optimizer Adafactor keeps state")       # its factored 2nd moment: expected
+@pytest.mark.parametrize("optim", ["adamw_torch", "sgd", "adafactor"])
+def test_the_trainers_own_optimizer_switches_and_loses_the_recycled_first_moments(tmp_path, optim):
+    model, callback, trainer = train(tmp_path / "run", max_steps=8, optim=optim, save_steps=1000)
+    assert len(callback.events) == 4 * 14
+    # The last switch follows the last optimizer step: its recycled rows of A hold zero first moments.
+    last = callback.events[-1]
+    layer = model.get_submodule(last["layer"])
+    for key, value in trainer.optimizer.state.get(layer.lora_A, {}).items():
+        if key in ("exp_avg", "momentum_buffer") and torch.is_tensor(value):
+            assert value[last["slots"]].abs().max() == 0 and value.abs().max() > 0
+
+
+class EightBitLike(torch.optim.Optimizer):
+    """SGD with momentum kept under bitsandbytes' state name 'state1'."""
+
+    def __init__(self, params, lr=1e-3):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    m = self.state[p].setdefault("state1", torch.zeros_like(p))
+                    m.mul_(0.9).add_(p.grad)
+                    p.add_(m, alpha=-group["lr"])
+
+
+def test_an_optimizer_with_unknown_state_keys_trains_and_is_warned_about_once(tmp_path):
+    model = apply_srlora(tiny_llama(0), targets=PAPER_TARGETS["llama"], r=R, r_target=R_TARGET)
+    opt = EightBitLike([p for p in model.parameters() if p.requires_grad])
+    with pytest.warns(UserWarning, match=r"keeps state \['state1'\]") as warned:
+        _, callback, _ = train(tmp_path / "run", max_steps=12, model=model, optimizers=(opt, None), save_steps=1000)
+    assert len([w for w in warned if "keeps state" in str(w.message)]) == 1 and len(callback.events) == 4 * 14
