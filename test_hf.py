@@ -80,7 +80,6 @@ def test_a_state_dict_saved_with_next_index_in_a_dict_still_loads():
 R, R_TARGET = 4, 12          # r' = 2 at gamma 0.5: four switches per run
 
 
-
 def tiny_llama(seed):
     transformers = pytest.importorskip("transformers")        # skips each Hugging Face test, not the file
     torch.manual_seed(seed)
