@@ -221,24 +221,28 @@ class SRLoRALinear(nn.Linear):
             return None
         fused_out = self.active_indices[slots].clone()
         s = self.scaling
-        dW = s * self.lora_B[:, slots] @ self.lora_A[slots]                         # Eq. (9)-(10): W += s B_I A_I
+        B_out, A_out = self.lora_B[:, slots].clone(), self.lora_A[slots].clone()  # Eq. (9): the pairs I_low
         cols = torch.arange(p - self.r, p - self.r + k, device=self.U.device)      # directions p .. p+k-1
-        sqrt_S = (self.S[cols].to(dW.dtype) / s).sqrt()
+        sqrt_S = (self.S[cols].to(A_out.dtype) / s).sqrt()
         self.lora_B[:, slots] = self.U[:, cols] * sqrt_S                            # Eq. (11)
         self.lora_A[slots] = sqrt_S[:, None] * self.Vh[cols]                        # Eq. (11)
-        dW -= s * self.lora_B[:, slots] @ self.lora_A[slots]                        # Eq. (12): W -= s B_I A_I
-        self._add_to_weight(dW)
+        self._add_low_rank(B_out, A_out, B_in=self.lora_B[:, slots], A_in=self.lora_A[slots])  # Eq. (10), (12)
         self.active_indices[slots] = torch.arange(p, p + k, device=slots.device)
         self.next_index = p + k
         return {"slots": slots, "fused_out": fused_out, "brought_in": list(range(p, p + k))}
 
     @torch.no_grad()
-    def _add_to_weight(self, dW: torch.Tensor):
-        """W += dW, summed in dW's dtype (fp32) and rounded to W's dtype once.  With weight_error,
-        the sum includes the last rounding error and keeps the new one (compensated summation)."""
+    def _add_low_rank(self, B_out, A_out, B_in, A_in):
+        """W += scaling (B_out A_out - B_in A_in): Eq. (10) and Eq. (12) in one write.
+
+        The sum is taken in the adapters' dtype (fp32) and W is rounded to its own dtype once per
+        switch.  With weight_error (compensate=True) the sum also adds back what the last rounding
+        lost and keeps what this one loses: Kahan's compensated summation, so the rounding errors of
+        successive switches cancel instead of adding up."""
+        exact = torch.addmm(self.weight.to(A_out.dtype), torch.cat([B_out, B_in], 1),
+                            torch.cat([A_out, -A_in]), alpha=self.scaling)
         if self.weight_error is not None:
-            dW = dW + self.weight_error
-        exact = self.weight.to(dW.dtype) + dW
+            exact += self.weight_error
         self.weight.copy_(exact)
         if self.weight_error is not None:
             self.weight_error.copy_(exact - self.weight)
