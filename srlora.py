@@ -239,8 +239,8 @@ class SRLoRALinear(nn.Linear):
         switch.  With weight_error (compensate=True) the sum also adds back what the last rounding
         lost and keeps what this one loses: Kahan's compensated summation, so the rounding errors of
         successive switches cancel instead of adding up."""
-        exact = torch.addmm(self.weight.to(A_out.dtype), torch.cat([B_out, B_in], 1),
-                            torch.cat([A_out, -A_in]), alpha=self.scaling)
+        exact = self.weight.to(A_out.dtype)               # a fresh fp32 copy of a bf16 W; W itself if fp32
+        exact.addmm_(torch.cat([B_out, B_in], 1), torch.cat([A_out, -A_in]), alpha=self.scaling)
         if self.weight_error is not None:
             exact += self.weight_error
         self.weight.copy_(exact)
