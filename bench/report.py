@@ -160,22 +160,25 @@ def bf16_accuracy_section(folder):
     for f in sorted(folder.glob("*-seed*/metrics.json")):
         dtype, _, seed = f.parent.name.rpartition("-seed")
         config = json.loads((f.parent / "config.json").read_text())
-        runs.setdefault(dtype, {})[int(seed)] = (json.loads(f.read_text())[0]["dev"]["accuracy"], config)
+        metrics = json.loads(f.read_text())[0]
+        runs.setdefault(dtype, {})[int(seed)] = (metrics["dev"]["accuracy"], config, metrics["dev_loss"])
     if not runs:
         return []
     config = next(iter(next(iter(runs.values())).values()))[1]
     out = ["### Dev accuracy, bf16 against fp32 residual", "",
-           f"Command: `python train_glue.py --methods=srlora --amp=bf16 --residual_dtype=<dtype> --seed=<seed>` "
+           f"Command: `python train_glue.py --methods=srlora --amp=bf16 --residual_dtype=<dtype> --seed=<seed> "
+           f"--out_dir=docs/results/bf16 --name=<dtype>-seed<seed>` "
            f"(task {config['task']}, {config['max_steps']} steps, r={config['r']}, r_target={config['r_target']}, "
            f"both under bf16 autocast, so only the storage and the switch rounding of W differ); run folders "
            f"in docs/results/bf16/.", "",
-           "| residual | " + " | ".join(f"seed {s}" for s in sorted(next(iter(runs.values())))) + " | mean +- std |",
-           "|---|" + "---|" * (len(next(iter(runs.values()))) + 1)]
+           "| residual | " + " | ".join(f"seed {s}" for s in sorted(next(iter(runs.values())))) + " | mean +- std | mean dev loss |",
+           "|---|" + "---|" * (len(next(iter(runs.values()))) + 2)]
     for dtype, by_seed in runs.items():
         accs = [by_seed[s][0] * 100 for s in sorted(by_seed)]
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
         out.append(f"| {dtype} | " + " | ".join(f"{a:.1f}" for a in accs) +
-                   f" | {statistics.mean(accs):.1f} +- {spread:.1f} |")
+                   f" | {statistics.mean(accs):.1f} +- {spread:.1f} | "
+                   f"{statistics.mean(by_seed[s][2] for s in by_seed):.4f} |")
     return out + [""]
 
 
