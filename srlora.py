@@ -16,8 +16,8 @@ The whole method is four steps:
      directions (Eq. 13-14).                                                switch_steps()
 
 Where the paper is silent this file makes a choice and says so where it is made:
-alpha/r scaling, the SVD algorithm, optimizer state of recycled slots, and which
-importance state is reset.  Depends on torch alone.
+alpha/r scaling, the SVD algorithm, optimizer state of recycled slots, which importance
+state is reset, and the precision of W in half-precision models.  Depends on torch alone.
 """
 import dataclasses
 import math
@@ -43,6 +43,18 @@ class SRLoRAConfig:
     reset: str = "recycled" # importance reset at a switch: "recycled" (Alg. 1 line 10) or "all" (Sec. 3.1)
     moments: str = "keep"   # optimizer 2nd moment of recycled slots: "keep" or "reset" (see recompose)
     svd: str = "auto"       # "full", "lowrank" (randomized, seeded) or "auto" (lowrank when r_target << min(m, n))
+    residual_dtype: str = None  # dtype of W and the basis: None keeps the model's (bf16 stays bf16); "float32" for fp32
+    compensate: bool = False    # half-precision W: carry each switch's rounding error to the next (one W-sized buffer)
+
+
+def _as_dtype(dtype):
+    """None, a torch.dtype, or its name ("float32", "bfloat16") -> None or a floating torch.dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(getattr(torch, str(dtype), None), torch.dtype) and getattr(torch, dtype).is_floating_point:
+        return getattr(torch, dtype)
+    raise ValueError(f"residual_dtype={dtype!r} is not a floating dtype; use None (the model's dtype), "
+                     f"'float32' or 'bfloat16'")
 
 
 def n_recycle(r: int, gamma: float) -> int:
@@ -130,16 +142,25 @@ class SRLoRALinear(nn.Linear):
     writes its equations for scaling = 1).  init="lora" is LoRA: Kaiming-uniform A, zero B, W = W0.
 
     Slot k holds singular direction active_indices[k]; next_index is p_r of Eq. (11), the next
-    unused direction.  Only directions r .. r_target-1 are kept (buffers U, S, Vh, in fp32):
-    direction p sits in column p - r.  W and the basis are kept in fp32 (fp64 for fp64 input)
-    so that repeated fuse/reinit does not accumulate half-precision rounding.
-    `factors` = (U, S, Vh) of the top min(r_target, m, n) directions, if already computed.
-    `base` may also be a transformers Conv1D (see is_conv1d): W is then its weight transposed, kept
-    in this (out, in) layout, and merge_srlora() gives back a Conv1D.
+    unused direction.  Only directions r .. r_target-1 are kept (buffers U, S, Vh): direction p
+    sits in column p - r.  `factors` = (U, S, Vh) of the top min(r_target, m, n) directions, if
+    already computed.  `base` may also be a transformers Conv1D (see is_conv1d): W is then its
+    weight transposed, kept in this (out, in) layout, and merge_srlora() gives back a Conv1D.
+
+    Precision (the paper is silent).  W, its bias and the basis U, S, Vh are stored in
+    `residual_dtype`: None keeps the wrapped layer's dtype, so a bf16 model stays at bf16 cost;
+    "float32" keeps an fp32 residual.  A and B are fp32 for a half-precision model (as PEFT
+    keeps its adapters), since AdamW steps on bf16 weights would mostly round away.  The SVD,
+    the PiSSA split and every switch's arithmetic run in fp32; W is rounded once per switch.
+    With a bf16 W that rounding moves the effective weight by about one bf16 rounding of W per
+    switch, a random walk over the switches; compensate=True keeps the rounding error in a
+    W-shaped buffer and adds it back at the next switch, so the drift stays at one rounding
+    for any number of switches, at the cost of a second W.
     """
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 8.0, r_target: int = None,
-                 init: str = "pissa", svd: str = "auto", factors=None):
+                 init: str = "pissa", svd: str = "auto", factors=None, residual_dtype=None,
+                 compensate: bool = False):
         if not isinstance(base, nn.Linear) and not is_conv1d(base):
             raise ValueError(f"SRLoRALinear wraps an nn.Linear or a transformers Conv1D, got "
                              f"{type(base).__name__}; choose targets that name such modules")
@@ -160,40 +181,46 @@ class SRLoRALinear(nn.Linear):
         self.r_target = min(r_target, d) if init == "pissa" else r   # a layer cannot visit more than d directions
         self.base_dtype = base.weight.dtype                          # merge_srlora() returns to it
         self.base_type = type(base) if is_conv1d(base) else nn.Linear  # and to this layer type
-        dtype = torch.promote_types(base.weight.dtype, torch.float32)
-        W0 = _out_in_weight(base).detach().to(dtype).contiguous()
-        if base.bias is not None:                                     # frozen; shares storage unless upcast
+        dtype = _as_dtype(residual_dtype) or base.weight.dtype        # W, bias and basis (see the docstring)
+        work = torch.promote_types(dtype, torch.float32)              # A, B and all arithmetic: fp32 or fp64
+        W0 = _out_in_weight(base).detach().to(work).contiguous()
+        if base.bias is not None:                                     # frozen; shares storage unless cast
             self.bias = nn.Parameter(base.bias.detach().to(dtype), requires_grad=False)
 
         if init == "pissa":
             U, S, Vh = factors if factors is not None else top_singular(W0, self.r_target, svd)
-            U, S, Vh = U.to(dtype), S.to(dtype), Vh.to(dtype)
+            U, S, Vh = U.to(work), S.to(work), Vh.to(work)
             sqrt_S = (S[:r] / self.scaling).sqrt()                    # divided by scaling: scaling*B*A = U S V^T
             B = U[:, :r] * sqrt_S                                     # Eq. (2)
             A = sqrt_S[:, None] * Vh[:r]                              # Eq. (2)
             W = W0 - self.scaling * (B @ A)                           # Eq. (2) residual
             active = torch.arange(r)
-            U, S, Vh = U[:, r:].contiguous(), S[r:].contiguous(), Vh[r:].contiguous()  # unused directions only
+            U, S, Vh = (t.to(dtype).contiguous() for t in (U[:, r:], S[r:], Vh[r:]))  # unused directions only
         else:
-            A = torch.empty(r, n, dtype=dtype, device=W0.device)
+            A = torch.empty(r, n, dtype=work, device=W0.device)
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))               # as loralib and PEFT do
-            B = torch.zeros(m, r, dtype=dtype, device=W0.device)
-            W = W0                                                    # never changed in place: LoRA has no switches
+            B = torch.zeros(m, r, dtype=work, device=W0.device)
+            W = _out_in_weight(base).detach().contiguous()            # never changed in place: LoRA has no switches
             active = torch.full((r,), -1)                            # -1: not a singular direction
-            U, S, Vh = W0.new_zeros(m, 0), W0.new_zeros(0), W0.new_zeros(0, n)
-        self.weight = nn.Parameter(W, requires_grad=False)
+            U, S, Vh = W0.new_zeros(m, 0, dtype=dtype), W0.new_zeros(0, dtype=dtype), W0.new_zeros(0, n, dtype=dtype)
+        self.weight = nn.Parameter(W.to(dtype), requires_grad=False)  # the one rounding of a bf16 W at init
         self.lora_A = nn.Parameter(A.contiguous())
         self.lora_B = nn.Parameter(B.contiguous())
         self.register_buffer("U", U)
         self.register_buffer("S", S)
         self.register_buffer("Vh", Vh)
         self.register_buffer("active_indices", active.to(W0.device))
+        # Compensated (Kahan) summation: what rounding W lost at the last switch, added back at the next.
+        compensate = compensate and init == "pissa" and dtype.itemsize < 4
+        self.register_buffer("weight_error", torch.zeros_like(self.weight) if compensate else None)
         self.next_index = r                                          # p_r: directions 0..r-1 are in use
 
     def forward(self, x):
         if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            return self.forward(x.to(self.weight.dtype)).to(x.dtype)  # a half-precision model: compute in fp32
-        return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
+            return self.forward(x.to(self.weight.dtype)).to(x.dtype)  # compute in W's dtype, answer in x's
+        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)       # fp32 A, B meet a bf16 x as autocast would
+        # scaling multiplies the rank-r intermediate (tokens x r), not the (tokens x out) output: cheaper
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, A) * self.scaling, B)
 
     def effective_weight(self) -> torch.Tensor:
         """W + scaling * B A: the weight forward() applies, and the one merge_srlora() writes."""
@@ -213,15 +240,31 @@ class SRLoRALinear(nn.Linear):
             return None
         fused_out = self.active_indices[slots].clone()
         s = self.scaling
-        self.weight.addmm_(self.lora_B[:, slots], self.lora_A[slots], alpha=s)     # Eq. (9)-(10)
+        B_out, A_out = self.lora_B[:, slots].clone(), self.lora_A[slots].clone()  # Eq. (9): the pairs I_low
         cols = torch.arange(p - self.r, p - self.r + k, device=self.U.device)      # directions p .. p+k-1
-        sqrt_S = (self.S[cols] / s).sqrt()
+        sqrt_S = (self.S[cols].to(A_out.dtype) / s).sqrt()
         self.lora_B[:, slots] = self.U[:, cols] * sqrt_S                            # Eq. (11)
         self.lora_A[slots] = sqrt_S[:, None] * self.Vh[cols]                        # Eq. (11)
-        self.weight.addmm_(self.lora_B[:, slots], self.lora_A[slots], alpha=-s)    # Eq. (12)
+        self._add_low_rank(B_out, A_out, B_in=self.lora_B[:, slots], A_in=self.lora_A[slots])  # Eq. (10), (12)
         self.active_indices[slots] = torch.arange(p, p + k, device=slots.device)
         self.next_index = p + k
         return {"slots": slots, "fused_out": fused_out, "brought_in": list(range(p, p + k))}
+
+    @torch.no_grad()
+    def _add_low_rank(self, B_out, A_out, B_in, A_in):
+        """W += scaling (B_out A_out - B_in A_in): Eq. (10) and Eq. (12) in one write.
+
+        The sum is taken in the adapters' dtype (fp32) and W is rounded to its own dtype once per
+        switch.  With weight_error (compensate=True) the sum also adds back what the last rounding
+        lost and keeps what this one loses: Kahan's compensated summation, so the rounding errors of
+        successive switches cancel instead of adding up."""
+        exact = self.weight.to(A_out.dtype)               # a fresh fp32 copy of a bf16 W; W itself if fp32
+        exact.addmm_(torch.cat([B_out, B_in], 1), torch.cat([A_out, -A_in]), alpha=self.scaling)
+        if self.weight_error is not None:
+            exact += self.weight_error
+        self.weight.copy_(exact)
+        if self.weight_error is not None:
+            self.weight_error.copy_(exact - self.weight)
 
     # next_index stays a Python int (no device sync to read it).  It travels in the state dict as
     # one small tensor, (next_index, r, alpha), because save_pretrained and safetensors store tensors only.
@@ -317,7 +360,8 @@ def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, **overrides) -> 
             del Ws
     for name, m in found:
         layer = SRLoRALinear(m, r=cfg.r, alpha=cfg.alpha, r_target=cfg.r_target, init=cfg.init,
-                             svd=cfg.svd, factors=factors.pop(name, None))
+                             svd=cfg.svd, factors=factors.pop(name, None),
+                             residual_dtype=cfg.residual_dtype, compensate=cfg.compensate)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     return model
@@ -450,7 +494,7 @@ def recompose(model: nn.Module, tracker: ImportanceTracker, gamma: float = 0.5, 
     """Eq. (8)-(12) on every SRLoRALinear: recycle its r' lowest-scoring pairs.
 
     Invariant: every layer's effective_weight() (hence the model's function) is unchanged,
-    up to fp32 rounding; the singular indices ever brought in are 0 .. next_index-1, each once.
+    up to one rounding of W per switch; the singular indices ever brought in are 0 .. next_index-1, each once.
 
     reset:   "recycled" zeroes the importance state of the refilled slots only (Algorithm 1,
              line 10: kept slots keep their history); "all" zeroes every slot of the layer

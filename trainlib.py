@@ -131,6 +131,7 @@ class TrainConfig:
     overwrite: bool = False           # replace an existing run folder
     device: str = "auto"              # auto: cuda when available
     amp: str = "off"                  # bf16: autocast (the paper's ViT runs used 16-bit mixed precision)
+    residual_dtype: str = "model"     # dtype of the frozen W and basis: model (its own, fp32 here) or bfloat16
     plots: bool = True                # PNG plots, when matplotlib is installed
 
 
@@ -255,7 +256,8 @@ def check_config(cfg):
                                  ("schedule", cfg.schedule, ("linear", "cosine")),
                                  ("reset", cfg.reset, ("recycled", "all")),
                                  ("moments", cfg.moments, ("keep", "reset")),
-                                 ("amp", cfg.amp, ("off", "bf16"))):
+                                 ("amp", cfg.amp, ("off", "bf16")),
+                                 ("residual_dtype", cfg.residual_dtype, ("model", "float32", "bfloat16"))):
         if value not in allowed:
             raise UserError(f"--{flag}={value} is unknown; use one of {', '.join(allowed)}")
     if cfg.max_steps < 1 or cfg.grad_accum < 1 or cfg.eval_every < 1 or cfg.log_every < 1:
@@ -527,7 +529,8 @@ def prepare(cfg, method, build, head, device):
     r_target = cfg.r_target if method == "srlora" else cfg.r
     try:
         apply_srlora(model, targets=[t.strip() for t in cfg.targets.split(",")], r=cfg.r, alpha=cfg.alpha,
-                     r_target=r_target, gamma=cfg.gamma, init="lora" if method == "lora" else "pissa")
+                     r_target=r_target, gamma=cfg.gamma, init="lora" if method == "lora" else "pissa",
+                     residual_dtype=None if cfg.residual_dtype == "model" else cfg.residual_dtype)
     except ValueError as e:                         # bad r / targets: the same one line as other input errors
         raise UserError(str(e)) from None
     for name, p in model.named_parameters():
