@@ -146,6 +146,32 @@ def test_fuse_then_reinit_keeps_effective_weight(args, gamma, score_seed):
         assert events == []
 
 
+def plant_scores(tracker, layer, scores):
+    """Set the EMAs so that tracker.pair_scores(layer) == scores: Ubar = 1, Ibar carries the score
+    half on A's row and half on B's column (Eq. 6-7 average over the row and the column)."""
+    i, L = tracker.index[id(layer)], len(tracker.layers)
+    tracker.ubar[i].fill_(1)
+    tracker.ubar[L + i].fill_(1)
+    tracker.ibar[i].copy_((scores / 2)[:, None].expand_as(tracker.ibar[i]))
+    tracker.ibar[L + i].copy_((scores / 2)[None, :].expand_as(tracker.ibar[L + i]))
+
+
+@given(layer_args(), st.sampled_from([0.1, 0.25, 0.5, 0.75, 1.0]), st.permutations(range(24)))
+def test_recompose_recycles_exactly_the_r_prime_lowest_scoring_slots(args, gamma, order):
+    base, layer = make_layer(*args)
+    model = wrap(layer)
+    tracker = ImportanceTracker(model)
+    scores = torch.tensor([float(o) for o in order if o < layer.r]) + 1.0    # distinct, known ranking
+    plant_scores(tracker, layer, scores)
+    torch.testing.assert_close(tracker.pair_scores(layer), scores)
+    k = n_recycle(layer.r, gamma)
+    events = recompose(model, tracker, gamma=gamma)
+    if layer.r + k > layer.r_target:
+        assert events == []
+        return
+    assert sorted(events[0]["slots"]) == sorted(scores.argsort()[:k].tolist())
+
+
 @given(layer_args(), st.sampled_from([0.25, 0.5, 1.0]), st.integers(1, 12), st.integers(0, 1000))
 def test_consumed_singular_indices_never_repeat_and_exhaustion_is_quiet(args, gamma, n_calls, seed):
     base, layer = make_layer(*args)
@@ -344,6 +370,27 @@ def test_state_dict_round_trip_resumes_identically():
     run(*b, steps=6, seed=2)
     for (na, ta), (nb, tb) in zip(a[0].state_dict().items(), b[0].state_dict().items()):
         assert na == nb and (ta == tb if not torch.is_tensor(ta) else torch.equal(ta, tb)), na
+
+
+@given(st.integers(0, 1000))
+def test_loading_a_checkpoint_replaces_the_basis_of_a_model_wrapped_from_other_weights(seed):
+    # The SVD basis (U, S, Vh) is model state: a checkpoint loaded into a model whose wrapped
+    # weights differ must bring the saved basis, so that later switches refill from it.
+    a = apply_srlora(Net(seed=seed), targets=["query", "value"], r=2, r_target=8)
+    b = apply_srlora(Net(seed=seed + 1), targets=["query", "value"], r=2, r_target=8)
+    assert not torch.equal(a.query.U, b.query.U)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    for la, lb in ((a.query, b.query), (a.value, b.value)):
+        for name in ("U", "S", "Vh", "weight", "lora_A", "lora_B", "active_indices"):
+            assert torch.equal(getattr(la, name), getattr(lb, name)), name
+    ta, tb = ImportanceTracker(a), ImportanceTracker(b)
+    randomize_scores(ta, seed)
+    randomize_scores(tb, seed)
+    recompose(a, ta, 0.5)
+    recompose(b, tb, 0.5)
+    x = torch.randn(5, 12)
+    assert torch.equal(a(x), b(x))
+    assert torch.equal(a.query.lora_A, b.query.lora_A) and torch.equal(a.query.lora_B, b.query.lora_B)
 
 
 @pytest.mark.parametrize("kwargs, match", [
