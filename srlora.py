@@ -41,7 +41,7 @@ class SRLoRAConfig:
     init: str = "pissa"     # "pissa": top-r SVD (SRLoRA, PiSSA); "lora": Kaiming A, zero B
     reset: str = "recycled" # importance reset at a switch: "recycled" (Alg. 1 line 10) or "all" (Sec. 3.1)
     moments: str = "keep"   # optimizer 2nd moment of recycled slots: "keep" or "reset" (see recompose)
-    svd: str = "auto"       # "full", "lowrank" (randomized, seeded) or "auto" (lowrank when r_target << min(m, n))
+    svd: str = "auto"       # "full", "lowrank" (randomized, seeded) or "auto" (full up to AUTO_FULL_MAX wide, else lowrank)
     # Alternatives that change the switch dynamics (README: silent choices); each default is the paper's.
     score: str = "paper"    # "paper": Eq. (7); "relative": Eq. (7) / (|B_k| |A_k|)^2, so a slot's score does not grow with its size
     grace: int = 0          # a slot refilled at one switch cannot be recycled at its layer's next `grace` switches
@@ -85,21 +85,32 @@ def switch_steps(total_steps: int, r: int, r_target: int, gamma: float, stop: fl
     return [interval * i for i in range(1, n_switch + 1)]
 
 
+# "auto" takes the exact SVD up to this smaller side: at most ~1 s per matrix on one CPU thread,
+# while 2048 costs ~8 s and 4096 ~60 s (bench/svd_accuracy.py, docs/BENCHMARKS.md).
+AUTO_FULL_MAX = 1024
+
+
 @torch.no_grad()
-def top_singular(W: torch.Tensor, k: int, method: str = "auto", niter: int = 4, seed: int = 0):
+def top_singular(W: torch.Tensor, k: int, method: str = "auto", niter: int = 16, seed: int = 0,
+                 oversample: float = 1.0):
     """Top-k singular triplets (U (.., m, k), S (.., k), Vh (.., k, n)) of W (.., m, n), in fp32.
 
     "full" is the exact torch.linalg.svd.  "lowrank" is the randomized range finder of Halko,
-    Martinsson and Tropp (2011) with oversampling and `niter` power iterations; its Gaussian
-    test matrix comes from a generator seeded with `seed`, so every process (e.g. every DDP
-    rank) gets the same basis and the global RNG is left untouched.  Leading batch dimensions
-    are allowed, so same-shaped weights share one call.
+    Martinsson and Tropp (2011) with a sketch of k + max(8, oversample k) columns and `niter` power iterations;
+    its Gaussian test matrix comes from a generator seeded with `seed`, so every process (e.g.
+    every DDP rank) gets the same basis and the global RNG is left untouched.  "auto" is "full"
+    when min(m, n) <= AUTO_FULL_MAX or the sketch is not much narrower than W, else "lowrank".
+    The 2k sketch and 16 iterations are what it took on real weights for the directions that
+    recompose() brings in, the tail r .. k-1 of the window, to be the exact singular vectors
+    (|cos| >= 0.99 wherever neighbouring singular values differ by > 1%); a 1.5k sketch with 4
+    iterations gave |cos| down to 0.03 there.  Leading batch dimensions are allowed, so
+    same-shaped weights share one call.
     """
     W = W.float()
     m, n = W.shape[-2:]
-    q = min(k + max(8, k // 2), m, n)          # oversampled sketch width
+    q = min(k + max(8, int(oversample * k)), m, n)                        # oversampled sketch width
     if method == "auto":
-        method = "lowrank" if 2 * q <= min(m, n) else "full"
+        method = "full" if min(m, n) <= AUTO_FULL_MAX or 2 * q > min(m, n) else "lowrank"
     if method == "full":
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         return U[..., :k], S[..., :k], Vh[..., :k, :]
