@@ -14,10 +14,13 @@ The whole method is four steps:
      The effective weight W + scaling * B A does not change.                   recompose()
   4. Switch steps are evenly spaced so that the run ends having visited r_target
      directions (Eq. 13-14).                                                switch_steps()
+     Or each layer switches when its own scores say so (the paper's future work).  AdaptiveSchedule
 
 Where the paper is silent this file makes a choice and says so where it is made:
 alpha/r scaling, the SVD algorithm, optimizer state of recycled slots, and which
-importance state is reset.  Depends on torch alone.
+importance state is reset.  Alternatives that change the switch dynamics (score, grace,
+switch_stop, switch_schedule) are fields of SRLoRAConfig; the defaults are the paper's.
+Depends on torch alone.
 """
 import dataclasses
 import math
@@ -103,7 +106,7 @@ def top_singular(W: torch.Tensor, k: int, method: str = "auto", niter: int = 16,
     The 2k sketch and 16 iterations are what it took on real weights for the directions that
     recompose() brings in, the tail r .. k-1 of the window, to be the exact singular vectors
     (|cos| >= 0.99 wherever neighbouring singular values differ by > 1%); a 1.5k sketch with 4
-    iterations gave |cos| down to 0.03 there.  Leading batch dimensions are allowed, so
+    iterations gave |cos| down to 0.025 there.  Leading batch dimensions are allowed, so
     same-shaped weights share one call.
     """
     W = W.float()
