@@ -116,7 +116,7 @@ class TrainConfig:
     grace: int = 0                    # a refilled slot is not recycled at its layer's next `grace` switches
     switch_stop: float = 1.0          # all switches within the first switch_stop of the steps (1.0: the paper's schedule)
     switch_schedule: str = "fixed"    # fixed (Eq. 13-14) or adaptive (srlora.AdaptiveSchedule, per layer)
-    adapt_ratio: float = 0.5          # adaptive: switch when a layer's lowest score < adapt_ratio * its mean
+    adapt_ratio: float = 0.1          # adaptive: switch when a layer's lowest score < adapt_ratio * its mean
     adapt_every: int = 10             # adaptive: steps between checks
     optimizer: str = "adamw"          # adamw (the paper's GLUE runs) or sgd (its ViT runs)
     lr: float = 1e-4
