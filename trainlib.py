@@ -318,6 +318,8 @@ class Run:
         self.path = Path(cfg.resume) if cfg.resume else Path(cfg.out_dir) / (
             cfg.name or f"{task}-{'+'.join(self.methods)}-seed{cfg.seed}")
         self.config = {"task": task, **dataclasses.asdict(cfg)}
+        # a flag added after a run started was at its default there: resuming that run is fine
+        self.defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
         self.done = []                                    # metrics of finished methods
         if cfg.resume:
             self._check_resume()
@@ -336,7 +338,8 @@ class Run:
         if not (self.path / "config.json").exists():
             raise UserError(f"--resume {self.path}: no run there (no config.json); check the folder name")
         saved = json.loads((self.path / "config.json").read_text())
-        diff = [k for k in self.config if k not in RESUMABLE_CHANGES and saved.get(k) != self.config[k]]
+        diff = [k for k in self.config if k not in RESUMABLE_CHANGES
+                and saved.get(k, self.defaults.get(k)) != self.config[k]]
         if diff:
             k = diff[0]
             raise UserError(f"--resume {self.path}: the checkpoint was made with {k}={saved.get(k)!r}, "
