@@ -126,8 +126,8 @@ def test_resume_refuses_other_settings_or_a_folder_without_checkpoint(tmp_path):
     config = folder(tmp_path, "srlora") / "config.json"     # a run started before a flag existed
     config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "switch_stop"}))
     with pytest.raises(UserError, match="switch_stop=None"):
-        run(tmp_path, method="srlora", switch_stop=0.5, resume=str(folder(tmp_path, "srlora")))
-    run(tmp_path, method="srlora", resume=str(folder(tmp_path, "srlora")))   # at the default: resumes
+        run(tmp_path, method="srlora", save_every=10, switch_stop=0.5, resume=str(folder(tmp_path, "srlora")))
+    run(tmp_path, method="srlora", save_every=10, resume=str(folder(tmp_path, "srlora")))   # at the default: resumes
 
 
 def test_resume_after_a_crash_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
