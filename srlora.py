@@ -89,8 +89,8 @@ def switch_steps(total_steps: int, r: int, r_target: int, gamma: float, stop: fl
     return [interval * i for i in range(1, n_switch + 1)]
 
 
-# "auto" takes the exact SVD up to this smaller side: at most ~1 s per matrix on one CPU thread,
-# while 2048 costs ~8 s and 4096 ~60 s (bench/svd_accuracy.py, docs/BENCHMARKS.md).
+# "auto" takes the exact SVD up to this smaller side: 1.6 s per 1024x1024 matrix on one CPU thread,
+# against 9.5 s at 2048 and 75 s at 4096 (bench/svd_accuracy.py, docs/BENCHMARKS.md).
 AUTO_FULL_MAX = 1024
 
 
