@@ -1,6 +1,6 @@
 """How exact are the directions SRLoRA brings in, and what does the exact SVD cost?
 
-    python bench/svd_accuracy.py --out=docs/bench/svd_accuracy_cpu.json   # ~10 min on one thread
+    python bench/svd_accuracy.py --out=docs/bench/svd_accuracy_cpu.json   # ~20 min on one thread
     python bench/svd_accuracy.py --quick                                 # smoke run, small sizes only
 
 Accuracy, on the real all-MiniLM-L6-v2 weights (the 36 maps SRLoRA adapts), batched over
