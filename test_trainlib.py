@@ -246,10 +246,20 @@ def test_config_errors_name_the_flag(tmp_path):
                              (dict(gamma=0.0), "gamma"), (dict(targets="nothing"), "match no nn.Linear"),
                              (dict(r=40), "r=40"), (dict(batch_size=10, grad_accum=4), "divisible"),
                              (dict(score="size"), "score"), (dict(grace=2), "grace=2"),
-                             (dict(switch_stop=0.0), "switch_stop"), (dict(switch_schedule="often"), "switch_schedule")):
+                             (dict(switch_stop=0.0), "switch_stop"), (dict(switch_schedule="often"), "switch_schedule"),
+                             (dict(residual_dtype="half"), "--residual_dtype=half")):
         with pytest.raises(UserError, match=match):
             run(tmp_path, **overrides)
     assert not any(tmp_path.iterdir())                     # nothing was written
+
+
+@pytest.mark.parametrize("residual_dtype, stored", [("model", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_residual_dtype_flag_sets_the_stored_w_and_a_bf16_run_trains(tmp_path, residual_dtype, stored):
+    cfg = ToyConfig(residual_dtype=residual_dtype)
+    model = trainlib.prepare(cfg, "srlora", lambda method: Toy(), ("classifier",), torch.device("cpu"))
+    assert model.query.weight.dtype == model.query.U.dtype == stored and model.query.lora_A.dtype == torch.float32
+    (result,) = run(tmp_path, methods="srlora", amp="bf16", residual_dtype=residual_dtype)
+    assert math.isfinite(result["dev_loss"]) and result["dev"]["accuracy"] > 0.5
 
 
 def toy_main(argv):
