@@ -24,18 +24,13 @@ the defaults are the paper's.  Depends on torch alone.
 """
 import dataclasses
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-try:                                             # absent from torch builds without torch.distributed
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:
-    DTensor = ()                                 # isinstance(t, ()) is False: every tensor is whole
 
 
 @dataclass
@@ -168,10 +163,18 @@ def _out_in_weight(module: nn.Module) -> torch.Tensor:
 # How to touch a possibly sharded tensor.  Under PyTorch FSDP2 (fully_shard) every parameter, and
 # every tensor created from one (the tracker's EMAs, the optimizer's moments), is a DTensor cut into
 # row blocks, one per rank (Shard(0) on a 1-D mesh, as torch.chunk cuts).  The equations run on each
-# rank's own rows; these four functions are the only code that knows.  Whole tensors pass through.
+# rank's own rows; these functions are the only code that knows.  Whole tensors pass through.
+
+def _sharded(t) -> bool:
+    """t is a DTensor.  No DTensor exists before torch.distributed.tensor is imported, so one process
+    never imports it (about 0.5-1 s)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
 
 def _row_block(t: torch.Tensor) -> int:
     """Index of the first row of t that this rank holds (t a DTensor)."""
+    from torch.distributed.tensor import Shard
     if len(t.placements) != 1 or t.placements[0] != Shard(0):
         raise ValueError(f"a tensor is sharded as {t.placements}; SRLoRA supports FSDP2's default, Shard(0) "
                          f"on a 1-D mesh: call fully_shard(module) without a 2-D (HSDP) mesh or shard_placement_fn")
@@ -182,9 +185,9 @@ def _row_block(t: torch.Tensor) -> int:
 def _local(t: torch.Tensor, like: torch.Tensor = None) -> torch.Tensor:
     """This rank's rows of t, as a plain tensor that writes through to t.  A whole t beside a sharded
     `like` (the basis U beside W, when shard_basis was not called) is cut to like's rows."""
-    if isinstance(t, DTensor):
+    if _sharded(t):
         return t.to_local()
-    if isinstance(like, DTensor):
+    if _sharded(like):
         start = _row_block(like)
         return t[start:start + like.to_local().shape[0]]
     return t
@@ -192,19 +195,19 @@ def _local(t: torch.Tensor, like: torch.Tensor = None) -> torch.Tensor:
 
 def _rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """t[index], whole on every rank: a sharded t's rows are summed over ranks, each from its holder."""
-    if not isinstance(t, DTensor):
+    if not _sharded(t):
         return t[index]
     local, start = t.to_local(), _row_block(t)
     mine = (index >= start) & (index < start + local.shape[0])
     out = local.new_zeros(index.numel(), *local.shape[1:])
     out[mine] = local[index[mine] - start]
-    dist.all_reduce(out, group=t.device_mesh.get_group())          # one holder per row: the sum is exact
+    torch.distributed.all_reduce(out, group=t.device_mesh.get_group())  # one holder per row: the sum is exact
     return out
 
 
 def _set_rows(t: torch.Tensor, index, value) -> None:
     """t[index] = value (a tensor of len(index) rows, or a number); each rank writes the rows it holds."""
-    if not isinstance(t, DTensor):
+    if not _sharded(t):
         t[index] = value
         return
     local, start = t.to_local(), _row_block(t)
@@ -322,7 +325,7 @@ class SRLoRALinear(nn.Linear):
             return None
         fused_out = self.active_indices[slots].clone()
         s = self.scaling
-        B, U = _local(self.lora_B), _local(self.U, like=self.lora_B)  # this rank's rows (all, unsharded)
+        B, U = _local(self.lora_B), _local(self.U, like=self.lora_B)  # this rank's rows: all, in one process
         B_out, A_out = B[:, slots].clone(), _rows(self.lora_A, slots)              # Eq. (9): the pairs I_low
         cols = torch.arange(p - self.r, p - self.r + k, device=self.S.device)      # directions p .. p+k-1
         sqrt_S = (self.S[cols].to(A_out.dtype) / s).sqrt()
@@ -538,7 +541,7 @@ class ImportanceTracker:
         if relative:
             size = layer.lora_B.norm(dim=0) * layer.lora_A.norm(dim=1)       # |B_k| |A_k| = sigma_k / scaling at refill
             scores = scores / size.square().clamp_min(torch.finfo(size.dtype).tiny)
-        return scores.full_tensor() if isinstance(scores, DTensor) else scores  # the same on every rank
+        return scores.full_tensor() if _sharded(scores) else scores         # the same on every rank
 
     @torch.no_grad()
     def reset(self, layer: SRLoRALinear, slots: torch.Tensor = None):
@@ -579,13 +582,14 @@ SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")   # AdamW state that sets the 
 def _reset_moments(optimizer, layer, slots, moments):
     # The optimizer keys its state by the Parameter object itself: no name lookups needed.
     keys = FIRST_MOMENTS + (SECOND_MOMENTS if moments == "reset" else ())
-    for param in (layer.lora_A, layer.lora_B):
-        for key, value in optimizer.state.get(param, {}).items():
-            if key in keys and torch.is_tensor(value) and value.shape == param.shape:
-                if param is layer.lora_A:
-                    _set_rows(value, slots, 0)                       # rows of A
-                else:
-                    _local(value)[:, slots] = 0                      # columns of B
+
+    def state_of(param):
+        return [value for key, value in optimizer.state.get(param, {}).items()
+                if key in keys and torch.is_tensor(value) and value.shape == param.shape]
+    for value in state_of(layer.lora_A):
+        _set_rows(value, slots, 0)                                   # rows of A
+    for value in state_of(layer.lora_B):
+        _local(value)[:, slots] = 0                                  # columns of B
 
 
 def eligible(layer: SRLoRALinear, k: int, grace: int = 0) -> torch.Tensor:
