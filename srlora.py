@@ -20,7 +20,9 @@ Where the paper is silent this file makes a choice and says so where it is made:
 alpha/r scaling, the SVD algorithm, optimizer state of recycled slots, which importance
 state is reset, and the precision of W in half-precision models.  Alternatives that change
 the switch dynamics (score, grace, switch_stop, switch_schedule) are fields of SRLoRAConfig;
-the defaults are the paper's.  Depends on torch alone.
+the defaults are the paper's.  Models sharded with PyTorch FSDP2 work unchanged: each rank
+updates and recycles its own rows (see "How to touch a possibly sharded tensor"; srlora_fsdp.py
+shards the basis too).  Depends on torch alone.
 """
 import dataclasses
 import math
@@ -489,7 +491,9 @@ class ImportanceTracker:
     Holds four EMA tensors per layer, shaped like A and B and starting at zero.  Call update()
     once per optimizer step, after backward() and before optimizer.step(), so that w and its
     gradient belong to the same step.  With gradient accumulation call it once, after the last
-    micro-batch; under DDP the gradients are already all-reduced, so every rank agrees.
+    micro-batch; under DDP the gradients are already all-reduced, so every rank agrees.  Under
+    FSDP2 (fully_shard) the EMAs are DTensors cut like A and B: each rank updates its own rows,
+    and pair_scores() sums over the ranks, so every rank ranks the same pairs.
     """
 
     def __init__(self, model: nn.Module, beta1: float = 0.85, beta2: float = 0.85):
@@ -636,6 +640,9 @@ def recompose(model: nn.Module, tracker: ImportanceTracker, gamma: float = 0.5, 
     score:   "paper" ranks by Eq. (7); "relative" by Eq. (7) / (|B_k| |A_k|)^2 (see pair_scores).
     grace:   slots refilled at the layer's last `grace` switches are not recycled (see eligible).
     layers:  names of the layers to switch (AdaptiveSchedule.due); None switches every layer.
+    FSDP2:   on a model sharded with fully_shard, each rank rewrites its own rows of W, B, the EMAs
+             and the moments; the r' rows of A and Vh it needs come from the ranks that hold them.
+             No rank ever holds a whole W.
     Returns one record per layer that switched: layer name, slots, indices fused out and brought in.
     """
     _check_options(gamma, reset, moments, score)
