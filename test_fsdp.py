@@ -63,10 +63,12 @@ def build(kind):
     return model, model.model.layers, (4, 12), list(ids), lambda m, b: m(input_ids=b, labels=b).loss
 
 
-def train(kind, rank=0, world=1, basis=False, options=None):
-    """The run; with world > 1 under FSDP2 and every rank on its half of each batch.
+def train(kind, rank=0, world=1, basis=False, options=None, save=None, resume=None):
+    """The run; with world > 1 under FSDP2 and every rank on its half of each batch.  save=(step, folder)
+    writes a sharded checkpoint after that step; resume=folder starts from one.
     Returns (events, losses, effective weights, bytes of W, U and Vh held by this rank)."""
     model, blocks, (r, r_target), batches, loss_fn = build(kind)
+    options = options or {}
     if world > 1:
         from torch.distributed.fsdp import fully_shard
         from srlora_fsdp import shard_basis
@@ -81,8 +83,11 @@ def train(kind, rank=0, world=1, basis=False, options=None):
     tracker = ImportanceTracker(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     switches = switch_steps(STEPS, r, r_target, GAMMA)
-    events, losses = [], []
-    for step, batch in enumerate(batches, 1):
+    events, losses, start = [], [], 0
+    if resume:
+        from srlora_fsdp import load_checkpoint
+        start = load_checkpoint(resume, model, optimizer, tracker)
+    for step, batch in enumerate(batches[start:], start + 1):
         # bf16: a CPU matmul's rounding depends on the batch size, so half a batch moves the loss by ~1e-3;
         # every rank then takes the whole batch, the one process's forward bit for bit.
         part = batch if kind == "net16" else [t.chunk(world)[rank] for t in batch] if kind == "net" \
@@ -99,26 +104,31 @@ def train(kind, rank=0, world=1, basis=False, options=None):
         losses.append(loss.item())
         if step in switches:
             events.append(recompose(model, tracker, GAMMA, optimizer=optimizer, **options))
+        if save and step == save[0]:
+            from srlora_fsdp import save_checkpoint
+            save_checkpoint(save[1], model, optimizer, tracker, step)
     with torch.no_grad():
         weights = {name: l.effective_weight() for name, l in srlora_layers(model)}
         weights = {name: w.full_tensor() if hasattr(w, "full_tensor") else w for name, w in weights.items()}
     return events, losses, weights, held
 
 
-def _rank(rank, world, init_file, out, kind, basis, options):
+def _rank(rank, world, init_file, out, runs):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.save(train(kind, rank, world, basis, options), f"{out}.{rank}")
+        torch.save([train(rank=rank, world=world, **run) for run in runs], f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def two_ranks(tmp_path, kind, basis, options):
+def two_ranks(tmp_path, *runs):
+    """Each run (train's keyword arguments) in turn, in one pair of processes; [run][rank] -> result."""
     out = str(tmp_path / "result")
-    mp.spawn(_rank, args=(2, str(tmp_path / "init"), out, kind, basis, options), nprocs=2)
-    return [torch.load(f"{out}.{rank}") for rank in range(2)]
+    mp.spawn(_rank, args=(2, str(tmp_path / "init"), out, runs), nprocs=2)
+    results = [torch.load(f"{out}.{rank}") for rank in range(2)]
+    return [[results[rank][i] for rank in range(2)] for i in range(len(runs))]
 
 
 def close(a, b, rel=1e-5):
@@ -133,7 +143,7 @@ def close(a, b, rel=1e-5):
     ("llama", True, {})])
 def test_two_fsdp_ranks_switch_train_and_end_like_one_process(tmp_path, kind, basis, options):
     events, losses, weights, held_one = train(kind, options=options)
-    ranks = two_ranks(tmp_path, kind, basis, options)
+    [ranks] = two_ranks(tmp_path, dict(kind=kind, basis=basis, options=options))
     assert len(events) >= 3 and all(len(e) == len(weights) for e in events)  # every layer switched each time
     for r_events, r_losses, r_weights, _ in ranks:
         assert r_events == events                                    # the same slots, fused out and brought in
@@ -143,3 +153,14 @@ def test_two_fsdp_ranks_switch_train_and_end_like_one_process(tmp_path, kind, ba
     held = [h for *_, h in ranks]
     if basis:        # W, U and Vh cut in two (S, r_target - r numbers per layer, stays whole on both)
         assert sum(held) == held_one and max(held) <= 0.6 * held_one
+
+
+@pytest.mark.slow
+def test_fsdp_run_resumed_from_a_sharded_checkpoint_after_a_switch_ends_as_the_uninterrupted_one(tmp_path):
+    folder = str(tmp_path / "checkpoint")                    # after step 6: one switch (step 4) behind it
+    whole, resumed = two_ranks(tmp_path, dict(kind="net", basis=True, save=(6, folder)),   # fresh model,
+                               dict(kind="net", basis=True, resume=folder))             # optimizer, tracker
+    for (events, losses, weights, _), (r_events, r_losses, r_weights, _) in zip(whole, resumed):
+        assert r_events == events[1:] and r_losses == losses[6:]
+        for name, w in weights.items():
+            assert torch.equal(r_weights[name], w)
