@@ -18,9 +18,9 @@ fully_shard shards parameters only; the basis U (m, r_target - r), S and Vh (r_t
 buffers and stay whole on every rank.  recompose() then uses U's rows that match this rank's rows of
 W, which is correct but keeps the whole basis in memory.  shard_basis() cuts U and Vh into the same
 Shard(0) row blocks, as DTensor buffers: U's rows line up with W's, Vh's rows are gathered at a
-switch.  save_checkpoint / load_checkpoint write and read every rank's shards with
-torch.distributed.checkpoint.  We did not make U a frozen parameter so that fully_shard would shard it: FSDP2 would then
-all-gather it at every forward and backward, although only a switch reads it.
+switch.  We did not make U a frozen parameter so that fully_shard would shard it: FSDP2 would
+then all-gather it at every forward and backward, although only a switch reads it.
+save_checkpoint / load_checkpoint write and read every rank's shards with torch.distributed.checkpoint.
 """
 import torch
 from torch.distributed.tensor import DTensor, Shard

@@ -156,7 +156,7 @@ def test_two_fsdp_ranks_switch_train_and_end_like_one_process(tmp_path, kind, ba
 
 
 @pytest.mark.slow
-def test_fsdp_run_resumed_from_a_sharded_checkpoint_after_a_switch_ends_as_the_uninterrupted_one(tmp_path):
+def test_run_resumed_from_a_sharded_checkpoint_after_a_switch_ends_as_the_uninterrupted_one(tmp_path):
     folder = str(tmp_path / "checkpoint")                    # after step 6: one switch (step 4) behind it
     whole, resumed = two_ranks(tmp_path, dict(kind="net", basis=True, save=(6, folder)),   # fresh model,
                                dict(kind="net", basis=True, resume=folder))             # optimizer, tracker
@@ -164,3 +164,8 @@ def test_fsdp_run_resumed_from_a_sharded_checkpoint_after_a_switch_ends_as_the_u
         assert r_events == events[1:] and r_losses == losses[6:]
         for name, w in weights.items():
             assert torch.equal(r_weights[name], w)
+    events, losses, weights, _ = train("net")                  # the two ranks' checkpoint, resumed in one process
+    r_events, r_losses, r_weights, _ = train("net", resume=folder)
+    assert r_events == events[1:] and all(close(a, b) for a, b in zip(r_losses, losses[6:]))
+    for name, w in weights.items():
+        torch.testing.assert_close(r_weights[name], w, rtol=1e-5, atol=1e-6)
