@@ -20,10 +20,13 @@ Where the paper is silent this file makes a choice and says so where it is made:
 alpha/r scaling, the SVD algorithm, optimizer state of recycled slots, which importance
 state is reset, and the precision of W in half-precision models.  Alternatives that change
 the switch dynamics (score, grace, switch_stop, switch_schedule) are fields of SRLoRAConfig;
-the defaults are the paper's.  Depends on torch alone.
+the defaults are the paper's.  Models sharded with PyTorch FSDP2 work unchanged: each rank
+updates and recycles its own rows (see "How to touch a possibly sharded tensor"; srlora_fsdp.py
+shards the basis too).  Depends on torch alone.
 """
 import dataclasses
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -159,6 +162,62 @@ def _out_in_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.T if is_conv1d(module) else module.weight
 
 
+# How to touch a possibly sharded tensor.  Under PyTorch FSDP2 (fully_shard) every parameter, and
+# every tensor created from one (the tracker's EMAs, the optimizer's moments), is a DTensor cut into
+# row blocks, one per rank (Shard(0) on a 1-D mesh, as torch.chunk cuts).  The equations run on each
+# rank's own rows; these functions are the only code that knows.  Whole tensors pass through.
+
+def _sharded(t) -> bool:
+    """t is a DTensor.  None exists before torch.distributed.tensor is imported, so a run without
+    FSDP never pays for importing it (0.5-1 s measured)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
+def _row_block(t: torch.Tensor) -> int:
+    """Index of the first row of t that this rank holds (t a DTensor)."""
+    from torch.distributed.tensor import Shard
+    if len(t.placements) != 1 or t.placements[0] != Shard(0):
+        raise ValueError(f"a tensor is sharded as {t.placements}; SRLoRA supports FSDP2's default, Shard(0) "
+                         f"on a 1-D mesh: call fully_shard(module) without a 2-D (HSDP) mesh or shard_placement_fn")
+    size = -(-t.shape[0] // t.device_mesh.size())                   # torch.chunk's block size
+    return min(t.device_mesh.get_local_rank() * size, t.shape[0])
+
+
+def _local(t: torch.Tensor, like: torch.Tensor = None) -> torch.Tensor:
+    """This rank's rows of t, as a plain tensor that writes through to t.  A whole t beside a sharded
+    `like` (the basis U beside W, when shard_basis was not called) is cut to like's rows."""
+    if _sharded(t):
+        return t.to_local()
+    if _sharded(like):
+        start = _row_block(like)
+        return t[start:start + like.to_local().shape[0]]
+    return t
+
+
+def _rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t[index], whole on every rank: a sharded t's rows are summed over ranks, each from its holder."""
+    if not _sharded(t):
+        return t[index]
+    local, start = t.to_local(), _row_block(t)
+    mine = (index >= start) & (index < start + local.shape[0])
+    out = local.new_zeros(index.numel(), *local.shape[1:])
+    out[mine] = local[index[mine] - start]
+    torch.distributed.all_reduce(out, group=t.device_mesh.get_group())  # one holder per row: the sum is exact
+    return out
+
+
+def _set_rows(t: torch.Tensor, index, value) -> None:
+    """t[index] = value (a tensor of len(index) rows, or a number); each rank writes the rows it holds."""
+    if not _sharded(t):
+        t[index] = value
+        return
+    local, start = t.to_local(), _row_block(t)
+    index = torch.arange(t.shape[0], device=local.device)[index]   # a slice -> its row numbers
+    mine = (index >= start) & (index < start + local.shape[0])
+    local[index[mine] - start] = value[mine] if torch.is_tensor(value) else value
+
+
 class SRLoRALinear(nn.Linear):
     """A frozen nn.Linear plus a trainable rank-r pair: y = x W^T + b + scaling * x A^T B^T.
 
@@ -268,12 +327,14 @@ class SRLoRALinear(nn.Linear):
             return None
         fused_out = self.active_indices[slots].clone()
         s = self.scaling
-        B_out, A_out = self.lora_B[:, slots].clone(), self.lora_A[slots].clone()  # Eq. (9): the pairs I_low
-        cols = torch.arange(p - self.r, p - self.r + k, device=self.U.device)      # directions p .. p+k-1
+        B, U = _local(self.lora_B), _local(self.U, like=self.lora_B)  # this rank's rows: all, in one process
+        B_out, A_out = B[:, slots].clone(), _rows(self.lora_A, slots)              # Eq. (9): the pairs I_low
+        cols = torch.arange(p - self.r, p - self.r + k, device=self.S.device)      # directions p .. p+k-1
         sqrt_S = (self.S[cols].to(A_out.dtype) / s).sqrt()
-        self.lora_B[:, slots] = self.U[:, cols] * sqrt_S                            # Eq. (11)
-        self.lora_A[slots] = sqrt_S[:, None] * self.Vh[cols]                        # Eq. (11)
-        self._add_low_rank(B_out, A_out, B_in=self.lora_B[:, slots], A_in=self.lora_A[slots])  # Eq. (10), (12)
+        B[:, slots] = U[:, cols] * sqrt_S                                           # Eq. (11)
+        A_in = sqrt_S[:, None] * _rows(self.Vh, cols)                               # Eq. (11)
+        _set_rows(self.lora_A, slots, A_in)
+        self._add_low_rank(B_out, A_out, B_in=B[:, slots], A_in=A_in)              # Eq. (10), (12)
         self.active_indices[slots] = torch.arange(p, p + k, device=slots.device)
         self.next_index = p + k
         return {"slots": slots, "fused_out": fused_out, "brought_in": list(range(p, p + k))}
@@ -286,13 +347,15 @@ class SRLoRALinear(nn.Linear):
         switch.  With weight_error (compensate=True) the sum also adds back what the last rounding
         lost and keeps what this one loses: Kahan's compensated summation, so the rounding errors of
         successive switches cancel instead of adding up."""
-        exact = self.weight.to(A_out.dtype)               # a fresh fp32 copy of a bf16 W; W itself if fp32
+        W = _local(self.weight)                           # B_out, B_in: the same rows of B as W's
+        error = None if self.weight_error is None else _local(self.weight_error, like=self.weight)
+        exact = W.to(A_out.dtype)                         # a fresh fp32 copy of a bf16 W; W itself if fp32
         exact.addmm_(torch.cat([B_out, B_in], 1), torch.cat([A_out, -A_in]), alpha=self.scaling)
-        if self.weight_error is not None:
-            exact += self.weight_error
-        self.weight.copy_(exact)
-        if self.weight_error is not None:
-            self.weight_error.copy_(exact - self.weight)
+        if error is not None:
+            exact += error
+        W.copy_(exact)
+        if error is not None:
+            error.copy_(exact - W)
 
     # next_index stays a Python int (no device sync to read it).  It travels in the state dict as
     # one small tensor, (next_index, r, alpha), because save_pretrained and safetensors store tensors only.
@@ -428,7 +491,9 @@ class ImportanceTracker:
     Holds four EMA tensors per layer, shaped like A and B and starting at zero.  Call update()
     once per optimizer step, after backward() and before optimizer.step(), so that w and its
     gradient belong to the same step.  With gradient accumulation call it once, after the last
-    micro-batch; under DDP the gradients are already all-reduced, so every rank agrees.
+    micro-batch; under DDP the gradients are already all-reduced, so every rank agrees.  Under
+    FSDP2 (fully_shard) the EMAs are DTensors cut like A and B: each rank updates its own rows,
+    and pair_scores() sums over the ranks, so every rank ranks the same pairs.
     """
 
     def __init__(self, model: nn.Module, beta1: float = 0.85, beta2: float = 0.85):
@@ -453,10 +518,11 @@ class ImportanceTracker:
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not live:
             return
-        ps = [self.params[i] for i in live]
-        ibar = [self.ibar[i] for i in live]
-        ubar = [self.ubar[i] for i in live]
-        sens = torch._foreach_mul(ps, [p.grad for p in ps])
+        ps = [_local(self.params[i]) for i in live]                         # under FSDP2: each rank's rows
+        grads = [_local(self.params[i].grad) for i in live]
+        ibar = [_local(self.ibar[i]) for i in live]
+        ubar = [_local(self.ubar[i]) for i in live]
+        sens = torch._foreach_mul(ps, grads)
         torch._foreach_abs_(sens)                                            # Eq. (3)  I = |w * dL/dw|
         torch._foreach_mul_(ibar, self.beta1)
         torch._foreach_add_(ibar, sens, alpha=1 - self.beta1)                # Eq. (4)
@@ -479,16 +545,17 @@ class ImportanceTracker:
         if relative:
             size = layer.lora_B.norm(dim=0) * layer.lora_A.norm(dim=1)       # |B_k| |A_k| = sigma_k / scaling at refill
             scores = scores / size.square().clamp_min(torch.finfo(size.dtype).tiny)
-        return scores
+        return scores.full_tensor() if _sharded(scores) else scores         # the same on every rank
 
     @torch.no_grad()
     def reset(self, layer: SRLoRALinear, slots: torch.Tensor = None):
         """Zero the importance state of `slots` (rows of A, columns of B), or of all slots."""
         i, L = self.index[id(layer)], len(self.layers)
+        slots = slots if slots is not None else slice(None)
         for t in (self.ibar[i], self.ubar[i]):
-            t[slots if slots is not None else slice(None)] = 0
+            _set_rows(t, slots, 0)
         for t in (self.ibar[L + i], self.ubar[L + i]):
-            t[:, slots if slots is not None else slice(None)] = 0
+            _local(t)[:, slots] = 0
 
     def state_dict(self) -> dict:
         L = len(self.layers)
@@ -519,10 +586,14 @@ SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")   # AdamW state that sets the 
 def _reset_moments(optimizer, layer, slots, moments):
     # The optimizer keys its state by the Parameter object itself: no name lookups needed.
     keys = FIRST_MOMENTS + (SECOND_MOMENTS if moments == "reset" else ())
-    for param, index in ((layer.lora_A, (slots,)), (layer.lora_B, (slice(None), slots))):
-        for key, value in optimizer.state.get(param, {}).items():
-            if key in keys and torch.is_tensor(value) and value.shape == param.shape:
-                value[index] = 0
+
+    def state_of(param):
+        return [value for key, value in optimizer.state.get(param, {}).items()
+                if key in keys and torch.is_tensor(value) and value.shape == param.shape]
+    for value in state_of(layer.lora_A):
+        _set_rows(value, slots, 0)                                   # rows of A
+    for value in state_of(layer.lora_B):
+        _local(value)[:, slots] = 0                                  # columns of B
 
 
 def eligible(layer: SRLoRALinear, k: int, grace: int = 0) -> torch.Tensor:
@@ -569,6 +640,9 @@ def recompose(model: nn.Module, tracker: ImportanceTracker, gamma: float = 0.5, 
     score:   "paper" ranks by Eq. (7); "relative" by Eq. (7) / (|B_k| |A_k|)^2 (see pair_scores).
     grace:   slots refilled at the layer's last `grace` switches are not recycled (see eligible).
     layers:  names of the layers to switch (AdaptiveSchedule.due); None switches every layer.
+    FSDP2:   on a model sharded with fully_shard, each rank rewrites its own rows of W, B, the EMAs
+             and the moments; the r' rows of A and Vh it needs come from the ranks that hold them.
+             No rank ever holds a whole W.
     Returns one record per layer that switched: layer name, slots, indices fused out and brought in.
     """
     _check_options(gamma, reset, moments, score)

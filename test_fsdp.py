@@ -1,0 +1,171 @@
+"""SRLoRA under PyTorch FSDP2 (fully_shard) on CPU with gloo: two ranks against one process.
+
+Each run trains the same model from the same seed on the same batches; the two ranks each take
+half of every batch (the whole batch in bf16, see train), so their averaged gradients are the one process's.  Switch decisions, losses
+and final effective weights must agree.  The layers have odd or unequal sizes, so the ranks hold
+unequal row blocks.  Models: a pure-torch net of two residual blocks, and a tiny transformers Llama."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from srlora import ImportanceTracker, apply_srlora, recompose, srlora_layers, switch_steps
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
+
+STEPS, GAMMA = 12, 0.5
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, 2 * d + 1), nn.Linear(2 * d + 1, d)
+
+    def forward(self, x):
+        return x + self.down(torch.tanh(self.up(x)))
+
+
+class Net(nn.Module):
+    def __init__(self, d=11):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(d) for _ in range(2)])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def build(kind):
+    """(model, its blocks, SRLoRA settings, batches (STEPS, 8 examples, ...), loss(model, batch)).
+    "net16": the net in bf16 with a bf16 residual and compensate=True."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if kind in ("net", "net16"):                   # r' = 2: three switches, at steps 4, 8 and 12
+        dtype = torch.bfloat16 if kind == "net16" else torch.float32
+        X = torch.randn(STEPS, 8, 11, generator=g).to(dtype)
+        Y = (X[..., 0] > 0).long() + (X[..., 1] > 0.5).long()
+        model = apply_srlora(Net().to(dtype), targets=("up", "down"), r=3, r_target=9, gamma=GAMMA,
+                             compensate=kind == "net16")
+        loss = lambda m, b: F.cross_entropy(m(b[0]).float(), b[1])
+        return model, model.blocks, (3, 9), list(zip(X, Y)), loss
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=44, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    ids = torch.randint(0, 50, (STEPS, 8, 10), generator=g)
+    model = apply_srlora(transformers.LlamaForCausalLM(config), r=4, r_target=12, gamma=GAMMA,
+                         targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    return model, model.model.layers, (4, 12), list(ids), lambda m, b: m(input_ids=b, labels=b).loss
+
+
+def train(kind, rank=0, world=1, basis=False, options=None, save=None, resume=None):
+    """The run; with world > 1 under FSDP2 and every rank on its half of each batch.  save=(step, folder)
+    writes a sharded checkpoint after that step; resume=folder starts from one.
+    Returns (events, losses, effective weights, bytes of W, U and Vh held by this rank)."""
+    model, blocks, (r, r_target), batches, loss_fn = build(kind)
+    options = options or {}
+    if world > 1:
+        from torch.distributed.fsdp import fully_shard
+        from srlora_fsdp import shard_basis
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(model)
+        if basis:
+            shard_basis(model)
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+    held = sum(local(t).numel() * t.element_size() for _, l in srlora_layers(model)
+               for t in (l.weight, l.U, l.Vh))
+    tracker = ImportanceTracker(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    switches = switch_steps(STEPS, r, r_target, GAMMA)
+    events, losses, start = [], [], 0
+    if resume:
+        from srlora_fsdp import load_checkpoint
+        start = load_checkpoint(resume, model, optimizer, tracker)
+    for step, batch in enumerate(batches[start:], start + 1):
+        # bf16: a CPU matmul's rounding depends on the batch size, so half a batch moves the loss by ~1e-3;
+        # every rank then takes the whole batch, the one process's forward bit for bit.
+        part = batch if kind == "net16" else [t.chunk(world)[rank] for t in batch] if kind == "net" \
+            else batch.chunk(world)[rank]
+        loss = loss_fn(model, part)
+        loss.backward()
+        tracker.update()
+        optimizer.step()
+        optimizer.zero_grad()
+        loss = loss.detach()
+        if world > 1:
+            dist.all_reduce(loss)
+            loss /= world
+        losses.append(loss.item())
+        if step in switches:
+            events.append(recompose(model, tracker, GAMMA, optimizer=optimizer, **options))
+        if save and step == save[0]:
+            from srlora_fsdp import save_checkpoint
+            save_checkpoint(save[1], model, optimizer, tracker, step)
+    with torch.no_grad():
+        weights = {name: l.effective_weight() for name, l in srlora_layers(model)}
+        weights = {name: w.full_tensor() if hasattr(w, "full_tensor") else w for name, w in weights.items()}
+    return events, losses, weights, held
+
+
+def _rank(rank, world, init_file, out, runs):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save([train(rank=rank, world=world, **run) for run in runs], f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def two_ranks(tmp_path, *runs):
+    """Each run (train's keyword arguments) in turn, in one pair of processes; [run][rank] -> result."""
+    out = str(tmp_path / "result")
+    mp.spawn(_rank, args=(2, str(tmp_path / "init"), out, runs), nprocs=2)
+    results = [torch.load(f"{out}.{rank}") for rank in range(2)]
+    return [[results[rank][i] for rank in range(2)] for i in range(len(runs))]
+
+
+def close(a, b, rel=1e-5):
+    return abs(a - b) <= rel * max(abs(a), abs(b))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,basis,options", [
+    ("net", False, dict(moments="reset", reset="all")),
+    ("net", True, dict(score="relative")),
+    ("net16", True, {}),
+    ("llama", True, {})])
+def test_two_fsdp_ranks_switch_train_and_end_like_one_process(tmp_path, kind, basis, options):
+    events, losses, weights, held_one = train(kind, options=options)
+    [ranks] = two_ranks(tmp_path, dict(kind=kind, basis=basis, options=options))
+    assert len(events) >= 3 and all(len(e) == len(weights) for e in events)  # every layer switched each time
+    for r_events, r_losses, r_weights, _ in ranks:
+        assert r_events == events                                    # the same slots, fused out and brought in
+        assert all(close(a, b) for a, b in zip(r_losses, losses)), (r_losses, losses)
+        for name, w in weights.items():
+            torch.testing.assert_close(r_weights[name], w, rtol=1e-5, atol=1e-6)
+    held = [h for *_, h in ranks]
+    if basis:        # W, U and Vh cut in two (S, r_target - r numbers per layer, stays whole on both)
+        assert sum(held) == held_one and max(held) <= 0.6 * held_one
+
+
+@pytest.mark.slow
+def test_run_resumed_from_a_sharded_checkpoint_after_a_switch_ends_as_the_uninterrupted_one(tmp_path):
+    folder = str(tmp_path / "checkpoint")                    # after step 6: one switch (step 4) behind it
+    whole, resumed = two_ranks(tmp_path, dict(kind="net", basis=True, save=(6, folder)),   # fresh model,
+                               dict(kind="net", basis=True, resume=folder))             # optimizer, tracker
+    for (events, losses, weights, _), (r_events, r_losses, r_weights, _) in zip(whole, resumed):
+        assert r_events == events[1:] and r_losses == losses[6:]
+        for name, w in weights.items():
+            assert torch.equal(r_weights[name], w)
+    events, losses, weights, _ = train("net")                  # the two ranks' checkpoint, resumed in one process
+    r_events, r_losses, r_weights, _ = train("net", resume=folder)
+    assert r_events == events[1:] and all(close(a, b) for a, b in zip(r_losses, losses[6:]))
+    for name, w in weights.items():
+        torch.testing.assert_close(r_weights[name], w, rtol=1e-5, atol=1e-6)
