@@ -12,6 +12,7 @@ Extra flags after `--` go to every training run (e.g. `-- --data_dir=glue/RTE --
 """
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import trainlib  # noqa: E402
 from trainlib import active_intervals, is_ffn  # noqa: E402
+from srlora import n_recycle  # noqa: E402
+sys.path.insert(0, str(ROOT / "experiments"))
+import dynamics  # noqa: E402
 
 DOCS = ROOT / "docs"
 RESULTS = DOCS / "results"
@@ -37,6 +41,11 @@ SUITES = {
     # SRLoRA against PiSSA (the comparison that isolates recomposition) at 3x the demo's budget.
     "text-long": {"script": "train_glue.py", "flags": ["--max_steps=600", "--eval_every=150", "--warmup=60"],
                   "runs": {f"seed{s}": [f"--seed={s}", "--methods=pissa,srlora"] for s in SEEDS}},
+    # Small rank, where recomposition has the most room: r=2 (alpha=r, scaling 1 as in the paper), r_target=8r.
+    # LoRA on seed 0 only: the CPU budget went to the PiSSA-against-SRLoRA comparison.
+    "small-r": {"script": "train_glue.py", "flags": ["--r=2", "--alpha=2", "--r_target=16"],
+                "runs": {f"seed{s}": [f"--seed={s}", f"--methods={METHODS if s == 0 else 'pissa,srlora'}"]
+                         for s in SEEDS}},
     "vision": {"script": "train_vit.py", "flags": [],
                "runs": {f"seed{s}": [f"--seed={s}", f"--methods={METHODS}"] for s in SEEDS}},
     # SRLoRA alone, seed 0, one setting changed from the default per run; the default itself
@@ -46,6 +55,10 @@ SUITES = {
                            "rtarget16": ["--r_target=16"], "rtarget128": ["--r_target=128"],
                            "moments_reset": ["--moments=reset"], "reset_all": ["--reset=all"]}},
 }
+# The dynamics: SRLoRA alone, seed 0, logging each switch's pair scores and pair magnitudes (trainlib's
+# switch_diagnostics), for the default and for the settings that could change which slots rotate.
+DYNAMICS = {"default": [], "rtarget128": ["--r_target=128"]}
+SUITES["dynamics"] = {"script": "train_glue.py", "flags": ["--seed=0", "--method=srlora"], "runs": DYNAMICS}
 DEFAULT = "default"   # the text suite's seed-0 SRLoRA run, standing in for gamma0.5, rtarget32, keep, recycled
 ABLATION_GROUPS = {"gamma": ("gamma0.25", DEFAULT, "gamma0.75"),
                    "r_target (2r, 4r, 16r)": ("rtarget16", DEFAULT, "rtarget128"),
@@ -56,10 +69,12 @@ ABLATION_LABELS = {DEFAULT: "default", "gamma0.25": "gamma 0.25", "gamma0.75": "
                    "moments_reset": "reset 2nd moment", "reset_all": "reset all slots"}
 
 
-def run_suite(name, extra):
+def run_suite(name, extra, only=()):
     suite = SUITES[name]
     scratch = Path("runs") / "experiments" / name          # relative to ROOT, the runs' working folder
     for run, flags in suite["runs"].items():
+        if only and run not in only:
+            continue
         cmd = [sys.executable, suite["script"], *suite["flags"], *flags, *extra,
                f"--out_dir={scratch}", f"--name={run}", "--overwrite", "--plots=false"]
         print("$", " ".join(cmd[1:]), flush=True)
@@ -206,10 +221,12 @@ def plot_ablations(runs, metric, path):
 # --- RESULTS.md -------------------------------------------------------------------------------
 
 NAMES = {"lora": "LoRA", "pissa": "PiSSA", "srlora": "SRLoRA"}
-SHORT_TITLES = {"text": "MiniLM-L6, tweets", "text-long": "MiniLM-L6, tweets, 600 steps", "vision": "DINOv2-S/14, MNIST"}
+SHORT_TITLES = {"text": "MiniLM-L6, tweets", "text-long": "MiniLM-L6, tweets, 600 steps", "vision": "DINOv2-S/14, MNIST",
+                "small-r": "MiniLM-L6, tweets, r=2"}
 SUITE_TITLES = {"text": "Text: all-MiniLM-L6-v2 on positive vs negative tweets",
                 "text-long": "Text, 600 steps: PiSSA against SRLoRA",
-                "vision": "Vision: DINOv2 ViT-S/14 on MNIST"}
+                "vision": "Vision: DINOv2 ViT-S/14 on MNIST",
+                "small-r": "Text, small rank: r=2, r_target=16"}
 
 
 def comparable(s, o):
@@ -323,6 +340,212 @@ def same_decisions():
     return notes
 
 
+# --- the dynamics: what the switches did, in every SRLoRA run ---------------------------------
+
+SWITCH_OPTIONS = ("reset", "moments", "score", "grace", "switch_stop", "switch_schedule")
+SWITCH_DEFAULTS = {"reset": "recycled", "moments": "keep", "score": "paper", "grace": 0, "switch_stop": 1.0,
+                   "switch_schedule": "fixed"}
+ROTATION_SUITES = ("text", "text-long", "vision", "small-r", "ablations", "dynamics", "alternatives")
+
+
+def setting(config):
+    """r, r_target, gamma and every switch option that differs from the paper's default."""
+    changed = [f"{k}={config[k]}" for k in SWITCH_OPTIONS if k in config and config[k] != SWITCH_DEFAULTS[k]]
+    return ", ".join([f"r={config['r']}", f"r_target={config['r_target']}", f"gamma={config['gamma']}", *changed])
+
+
+def rotation_rows():
+    rows = []
+    for suite in ROTATION_SUITES:
+        for name, run in load(suite).items():
+            hits, pairs = dynamics.rotation(run["records"])
+            if not pairs:
+                continue
+            c, d = run["config"], dynamics.dwell(run["records"])
+            judged = sum(v for key, v in d.items() if key != "last")
+            kept, total = dynamics.initial_kept(run["records"], c["r"])
+            chance = 1 / math.comb(c["r"], n_recycle(c["r"], c["gamma"]))
+            rows.append({"run": f"{suite}/{name}", "setting": setting(c), "hits": hits, "pairs": pairs,
+                         "chance": chance, "one": d[1], "judged": judged, "end": d["end"], "kept": kept,
+                         "total": total})
+    return rows
+
+
+def plot_scores(records, path):
+    """Pair score against pair magnitude at every switch after the first, for one run: the slots
+    refilled one switch earlier against the kept ones."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pts = {True: [], False: []}
+    for events in dynamics.switches_by_layer(records).values():
+        for before, now in zip(events, events[1:]):
+            for k, (sc, n) in enumerate(zip(now["scores"], now["norms"])):
+                pts[k in before["slots"]].append((n, sc))
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for new, color, label in ((False, "tab:blue", "kept slots"), (True, "tab:orange", "refilled one switch earlier")):
+        xy = np.array(pts[new])
+        ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.4, color=color, label=label)
+    ax.set(xscale="log", yscale="log", xlabel="pair magnitude scaling·|B_k|·|A_k| at the switch",
+           ylabel="pair score S_k (Eq. 7)", title="What the switch ranks: score against magnitude")
+    ax.legend(markerscale=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def dynamics_section():
+    rows = rotation_rows()
+    if not rows:
+        return []
+    out = ["## How the switches behave, in every SRLoRA run", "",
+           "Read from each run's switch events. *Rotation*: over every layer's consecutive switches, how many "
+           "recycled exactly the set of slots refilled at the switch before (choosing r' of r slots at random "
+           "would do so with probability 1 / C(r, r'), the *chance* column). *Stayed one interval*: of the "
+           "directions brought in before a layer's last switch, how many were fused out at the very next switch. "
+           "*Outlived all*: how many of them were never fused out. *Top-r kept*: of the r directions each layer "
+           "started with (PiSSA's), how many were never fused out.", "",
+           "| run | setting | rotation | chance | stayed one interval | outlived all | top-r kept |",
+           "|---|---|---|---|---|---|---|"]
+    for w in rows:
+        out.append(f"| {w['run']} | {w['setting']} | {w['hits']} / {w['pairs']} ({w['hits'] / w['pairs']:.0%}) | "
+                   f"{w['chance']:.1%} | {w['one']} / {w['judged']} ({w['one'] / max(w['judged'], 1):.0%}) | "
+                   f"{w['end']} | {w['kept']} / {w['total']} |")
+    out += ["", "So SRLoRA, as the paper specifies it, trains PiSSA's r − r' strongest directions that survive the "
+            "first switch, plus r' slots that take a new direction at every switch and fuse it out at the next one.", ""]
+    return out + causes_section()
+
+
+def causes_section():
+    runs = load("dynamics")
+    default = runs.get("default")
+    if not default or "scores" not in next(e for e in default["records"] if e.get("event") == "switch"):
+        return []
+    out = ["## What drives the rotation", "",
+           f"Command: `{COMMANDS['dynamics']}` (SRLoRA alone, text task, seed 0; each switch event also logs the "
+           "r pair scores S_k of Eq. (7) that the switch ranked and each pair's magnitude scaling·|B_k|·|A_k|, "
+           "which is its singular value when it is brought in).", "",
+           "At each switch after a layer's first: *score ratio* = mean score of the slots refilled one switch "
+           "earlier / mean score of the kept slots; *ratio of score / magnitude²* the same for the score divided "
+           "by the pair's magnitude squared; *magnitude ratio* the same for the magnitudes. Medians over layers and "
+           "switches. *Slope*: least-squares slope of log score against log magnitude over all slots and switches. "
+           "*Rotation if ranked by score / magnitude²*: the rotation statistic had each logged switch ranked the "
+           "same state by score / magnitude² instead (one switch at a time, not a re-run).", "",
+           "| run | setting | switch interval (steps) | score ratio | ratio of score / magnitude² | magnitude ratio "
+           "| slope | rotation | rotation if ranked by score / magnitude² |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    stats = {}
+    for name, run in runs.items():
+        raw, per_mag2, mag, slope = dynamics.score_gaps(run["records"])
+        if not len(raw):
+            continue
+        c = run["config"]
+        steps = sorted({e["step"] for e in run["records"] if e.get("event") == "switch"})
+        interval = steps[1] - steps[0] if len(steps) > 1 else steps[0]
+        hits, pairs = dynamics.rotation(run["records"])
+        cf = dynamics.counterfactual_rotation(run["records"])
+        stats[name] = {"raw": float(np.median(raw)), "mag2": float(np.median(per_mag2)), "mag": float(np.median(mag)),
+                       "slope": slope, "rot": hits / pairs, "cf": cf[0] / cf[1], "interval": interval, "config": c}
+        out.append(f"| {name} | {setting(c)} | {interval} | {np.median(raw):.3f} | {np.median(per_mag2):.2f} | "
+                   f"{np.median(mag):.2f} | {slope:.2f} | {hits} / {pairs} ({hits / pairs:.0%}) | "
+                   f"{cf[0]} / {cf[1]} ({cf[0] / cf[1]:.0%}) |")
+    plot_scores(default["records"], RESULTS / "dynamics_scores.png")
+    out += ["", "![score against magnitude](results/dynamics_scores.png)", "", "Readings:", ""]
+    out += cause_readings(stats, runs)
+    return out + [""]
+
+
+# --- the synthetic mechanism benchmark -------------------------------------------------------
+
+SYNTHETIC_NAMES = {"lora": "LoRA(r)", "pissa": "PiSSA(r)", "srlora": "SRLoRA(r, r_target)",
+                   "lora_rt": "LoRA(r_target)"}
+
+
+def synthetic_name(method):
+    if method in SYNTHETIC_NAMES:
+        return SYNTHETIC_NAMES[method]
+    return f"SRLoRA(r, r_target), {method.removeprefix('srlora_').replace('_', ' ')}"
+
+
+def synthetic_best(data):
+    """{(kind, R, method): the row of the learning rate with the lowest mean test loss over seeds}."""
+    best = {}
+    for row in data["runs"]:
+        key = (row["kind"], row["R"], row["method"])
+        if key not in best or np.mean(row["test_loss"]) < np.mean(best[key]["test_loss"]):
+            best[key] = row
+    return best
+
+
+def plot_synthetic(best, kinds, ranks, methods, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, len(kinds), figsize=(5 * len(kinds), 7), squeeze=False)
+    for j, kind in enumerate(kinds):
+        for method in methods:
+            for i, key in enumerate(("test_loss", "erank")):
+                ys = [best[(kind, R, method)][key] for R in ranks]
+                axes[i][j].errorbar(ranks, [np.mean(y) for y in ys], yerr=[np.std(y, ddof=1) for y in ys],
+                                    marker="o", capsize=3, label=synthetic_name(method))
+        axes[0][j].set(xscale="log", yscale="log", title=f"{kind} rank-R change", ylabel="test loss (MSE to teacher)")
+        axes[1][j].set(xscale="log", xlabel="R, rank of the teacher's change per layer",
+                       ylabel="effective rank of W_final - W0")
+        for ax in axes[:, j]:
+            ax.set_xticks(ranks, [str(R) for R in ranks])
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def synthetic_section():
+    path = RESULTS / "synthetic" / "results.json"
+    if not path.exists():
+        return ["## The mechanism, isolated: a synthetic rank-R task", "",
+                "Not run yet: `python experiments/synthetic.py`.", ""]
+    data = json.loads(path.read_text())
+    c, best = data["config"], synthetic_best(data)
+    kinds, ranks = c["kinds"].split(","), [int(R) for R in c["ranks"].split(",")]
+    methods = c["methods"].split(",")
+    out = ["## The mechanism, isolated: a synthetic rank-R task", "",
+           "Command: `python experiments/synthetic.py` (see its docstring for the construction). A "
+           f"{c['depth']}-layer tanh MLP of width {c['d']} whose weights have a decaying spectrum plays the pretrained "
+           "model; the teacher adds a rank-R change to every layer, either in random directions or inside the "
+           "pretrained weights' top-R singular subspace (*principal*), with the same Frobenius norm for every R. "
+           f"Adapters on every layer, r={c['r']}, r_target={c['r_target']}, gamma={c['gamma']}, {c['steps']} Adam steps "
+           f"of batch {c['batch']} on fresh Gaussian inputs, linear decay after {c['warmup']} warm-up steps; learning "
+           f"rate per method the best of {c['lrs']} by the mean test loss over {c['seeds']} seeds (each seed draws its "
+           "own network and teacher). Test loss: mean squared error to the teacher on 4,096 held-out inputs "
+           "(before training it is the *start* column). Effective rank of ΔW = W_final − W0: exp of the entropy "
+           "of its normalised singular values (Roy and Vetterli, 2007), averaged over layers.", ""]
+    for kind in kinds:
+        out += [f"**{kind} change.** Test loss ×1000, mean ± sd over seeds (best learning rate), and effective rank of ΔW.", "",
+                "| method | " + " | ".join(f"R={R} loss | R={R} eff. rank" for R in ranks) + " |",
+                "|---|" + "---|---|" * len(ranks)]
+        start = [np.mean(best[(kind, R, methods[0])]["start_loss"]) for R in ranks]
+        out.append("| start (W0) | " + " | ".join(f"{1000 * s:.1f} | 0" for s in start) + " |")
+        for method in methods:
+            cells = []
+            for R in ranks:
+                row = best[(kind, R, method)]
+                cells += [fmt(*mean_sd(row["test_loss"]), 1000, 1), f"{np.mean(row['erank']):.1f}"]
+            out.append(f"| {synthetic_name(method)} | " + " | ".join(cells) + " |")
+        out.append("")
+    plot_synthetic(best, kinds, ranks, methods, RESULTS / "synthetic.png")
+    out += ["![synthetic benchmark](results/synthetic.png)", "", "Readings (seed spread as in the rule above):", ""]
+    for kind in kinds:
+        for R in ranks:
+            s, p = (mean_sd(best[(kind, R, m)]["test_loss"]) for m in ("srlora", "pissa"))
+            out.append(f"- {kind}, R={R}: SRLoRA {fmt(*s, 1000, 1)} vs PiSSA {fmt(*p, 1000, 1)} (×1000): lower loss "
+                       f"than PiSSA **{verdict(s, p, claim_higher=False)}**.")
+    return out + [""]
+
+
+def cause_readings(stats, runs):
+    return []
+
+
 COMMANDS = {s: f"python experiments/run_results.py --suite {s}" for s in SUITES}
 
 
@@ -347,6 +570,11 @@ def write_report():
         else:
             lines += [f"## {SUITE_TITLES[suite]}", "", f"Not run yet: `{COMMANDS[suite]}`.", ""]
     lines += ablation_section(COMMANDS["ablations"])
+    lines += dynamics_section()
+    lines += synthetic_section()
+    runs = load("small-r")
+    if runs:
+        lines += suite_section("small-r", runs, COMMANDS["small-r"])
     (DOCS / "RESULTS.md").write_text("\n".join(lines))
     print(f"wrote {DOCS / 'RESULTS.md'}")
 
@@ -356,12 +584,14 @@ def main():
     parser.add_argument("--suite", choices=sorted(SUITES), action="append", default=[],
                         help="run this suite (repeatable), then rewrite the report")
     parser.add_argument("--report", action="store_true", help="only rewrite docs/RESULTS.md and its plots")
+    parser.add_argument("--run", action="append", default=[],
+                        help="run only this named run of the suite (repeatable), e.g. --run seed1")
     parser.add_argument("extra", nargs="*", help="flags after -- go to every training run")
     args = parser.parse_args()
     if not args.suite and not args.report:
         parser.error("pass --suite text|vision|ablations, or --report")
     for suite in args.suite:
-        run_suite(suite, args.extra)
+        run_suite(suite, args.extra, args.run)
     write_report()
 
 
