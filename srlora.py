@@ -42,6 +42,13 @@ class SRLoRAConfig:
     reset: str = "recycled" # importance reset at a switch: "recycled" (Alg. 1 line 10) or "all" (Sec. 3.1)
     moments: str = "keep"   # optimizer 2nd moment of recycled slots: "keep" or "reset" (see recompose)
     svd: str = "auto"       # "full", "lowrank" (randomized, seeded) or "auto" (lowrank when r_target << min(m, n))
+    # Alternatives that change the switch dynamics (README: silent choices); each default is the paper's.
+    score: str = "paper"    # "paper": Eq. (7); "relative": Eq. (7) / (|B_k| |A_k|)^2, so a slot's score does not grow with its size
+    grace: int = 0          # a slot refilled at one switch cannot be recycled at its layer's next `grace` switches
+    switch_stop: float = 1.0        # the fixed schedule puts every switch within the first switch_stop of the steps
+    switch_schedule: str = "fixed"  # "fixed": Eq. (13)-(14); "adaptive": each layer when AdaptiveSchedule says so
+    adapt_ratio: float = 0.5        # adaptive: a layer switches when its lowest score < adapt_ratio * its mean score
+    adapt_every: int = 10           # adaptive: steps between checks (each check reads one number per layer)
 
 
 def n_recycle(r: int, gamma: float) -> int:
@@ -55,20 +62,26 @@ def check_gamma(gamma: float) -> None:
                          f"recycled at each switch, e.g. gamma=0.5")
 
 
-def switch_steps(total_steps: int, r: int, r_target: int, gamma: float) -> list:
+def switch_steps(total_steps: int, r: int, r_target: int, gamma: float, stop: float = 1.0) -> list:
     """The switch steps T_switch of Eq. (13)-(14): recompose() runs after these optimizer steps.
 
     N_switch = (r_target - r) // r' and t_interval = total_steps // N_switch, so the steps are
     t_interval, 2 t_interval, ..., N_switch t_interval.  This is the paper's schedule: its last
     switch falls at (or just before) the end of training, so the directions it brings in are
-    barely trained.  r_target <= r gives no switches (SRLoRA reduces to PiSSA).
+    barely trained.  stop < 1 spreads the same N_switch switches over the first round(stop *
+    total_steps) steps instead, so the last directions still train for the rest of the run.
+    r_target <= r gives no switches (SRLoRA reduces to PiSSA).
     """
     check_gamma(gamma)
+    if not 0.0 < stop <= 1.0:
+        raise ValueError(f"stop={stop} is outside (0, 1]; it is the fraction of the steps within "
+                         f"which all switches fall, e.g. stop=0.8 (1.0 is the paper's schedule)")
+    horizon = round(stop * total_steps)
     n_switch = (r_target - r) // n_recycle(r, gamma)                      # Eq. (13)
-    n_switch = min(n_switch, total_steps)
+    n_switch = min(n_switch, horizon)
     if n_switch <= 0:
         return []
-    interval = total_steps // n_switch                                    # Eq. (14)
+    interval = horizon // n_switch                                        # Eq. (14), over the horizon
     return [interval * i for i in range(1, n_switch + 1)]
 
 
@@ -326,12 +339,21 @@ class ImportanceTracker:
         torch._foreach_mul_(ubar, self.beta2)
         torch._foreach_add_(ubar, dev, alpha=1 - self.beta2)                 # Eq. (5)
 
-    def pair_scores(self, layer: SRLoRALinear) -> torch.Tensor:
-        """S_k for the r pairs of `layer`, shape (r,)."""
+    def pair_scores(self, layer: SRLoRALinear, relative: bool = False) -> torch.Tensor:
+        """S_k for the r pairs of `layer`, shape (r,).
+
+        relative=True divides S_k by (|B_k| |A_k|)^2: each I of Eq. (3) is |w * dL/dw|, which
+        for pair k is proportional to |B_k| |A_k|, so Eq. (6)-(7) grow as its square and a slot
+        that starts from a large singular value outscores a small one for that reason alone.
+        """
         i, L = self.index[id(layer)], len(self.layers)
         s_A = self.ibar[i] * self.ubar[i]                                    # Eq. (6), (r, n)
         s_B = self.ibar[L + i] * self.ubar[L + i]                            # Eq. (6), (m, r)
-        return s_B.mean(dim=0) + s_A.mean(dim=1)                             # Eq. (7)
+        scores = s_B.mean(dim=0) + s_A.mean(dim=1)                           # Eq. (7)
+        if relative:
+            size = layer.lora_B.norm(dim=0) * layer.lora_A.norm(dim=1)       # |B_k| |A_k| = sigma_k / scaling at refill
+            scores = scores / size.square().clamp_min(torch.finfo(size.dtype).tiny)
+        return scores
 
     @torch.no_grad()
     def reset(self, layer: SRLoRALinear, slots: torch.Tensor = None):
@@ -377,9 +399,30 @@ def _reset_moments(optimizer, layer, slots, moments):
                 value[index] = 0
 
 
+def eligible(layer: SRLoRALinear, k: int, grace: int = 0) -> torch.Tensor:
+    """(r,) bool: the slots a switch may recycle.  With grace g, a slot refilled at one of the
+    layer's last g switches is not.  No extra state: direction p >= r came in at the layer's
+    switch (p - r) // r', so a slot's age is read off active_indices, which checkpoints hold."""
+    if (grace + 1) * k > layer.r:
+        raise ValueError(f"grace={grace} with r'={k} of r={layer.r} leaves fewer than r' slots to recycle; "
+                         f"use grace <= {layer.r // k - 1} or a smaller gamma")
+    p = layer.active_indices
+    return (p < layer.r) | (layer.next_index - p > grace * k)
+
+
+def _check_options(gamma, reset, moments, score):
+    check_gamma(gamma)
+    if reset not in ("recycled", "all") or moments not in ("keep", "reset"):
+        raise ValueError(f"reset={reset!r} / moments={moments!r}: use reset in ('recycled', 'all') "
+                         f"and moments in ('keep', 'reset')")
+    if score not in ("paper", "relative"):
+        raise ValueError(f"score={score!r} is unknown; use 'paper' (Eq. 7) or 'relative'")
+
+
 @torch.no_grad()
 def recompose(model: nn.Module, tracker: ImportanceTracker, gamma: float = 0.5, optimizer=None,
-              reset: str = "recycled", moments: str = "keep") -> list:
+              reset: str = "recycled", moments: str = "keep", score: str = "paper", grace: int = 0,
+              layers=None) -> list:
     """Eq. (8)-(12) on every SRLoRALinear: recycle its r' lowest-scoring pairs.
 
     Invariant: every layer's effective_weight() (hence the model's function) is unchanged,
@@ -397,16 +440,20 @@ def recompose(model: nn.Module, tracker: ImportanceTracker, gamma: float = 0.5, 
              (1-b1) of a normal step and grow as exp_avg refills, a built-in warm-up.  "reset"
              zeroes it too, as if the slot were a freshly created parameter, and accepts the
              larger first steps (per-slot step counters, as in SwitchLoRA, would need a custom optimizer).
+    score:   "paper" ranks by Eq. (7); "relative" by Eq. (7) / (|B_k| |A_k|)^2 (see pair_scores).
+    grace:   slots refilled at the layer's last `grace` switches are not recycled (see eligible).
+    layers:  names of the layers to switch (AdaptiveSchedule.due); None switches every layer.
     Returns one record per layer that switched: layer name, slots, indices fused out and brought in.
     """
-    check_gamma(gamma)
-    if reset not in ("recycled", "all") or moments not in ("keep", "reset"):
-        raise ValueError(f"reset={reset!r} / moments={moments!r}: use reset in ('recycled', 'all') "
-                         f"and moments in ('keep', 'reset')")
+    _check_options(gamma, reset, moments, score)
     events = []
     for name, layer in srlora_layers(model):
+        if layers is not None and name not in layers:
+            continue
         k = n_recycle(layer.r, gamma)                                        # r' = gamma * r
-        slots = tracker.pair_scores(layer).topk(k, largest=False).indices   # Eq. (8): I_low
+        scores = tracker.pair_scores(layer, relative=score == "relative")
+        scores = scores.masked_fill(~eligible(layer, k, grace), math.inf)   # grace: never among the lowest
+        slots = scores.topk(k, largest=False).indices                       # Eq. (8): I_low
         event = layer.recycle(slots)
         if event is None:
             continue
@@ -416,3 +463,58 @@ def recompose(model: nn.Module, tracker: ImportanceTracker, gamma: float = 0.5, 
         events.append({"layer": name, "slots": slots.tolist(),
                        "fused_out": event["fused_out"].tolist(), "brought_in": event["brought_in"]})
     return events
+
+
+class AdaptiveSchedule:
+    """When each layer switches, decided from its own pair scores (the paper's future work).
+
+    Rule: every `every` steps, a layer switches if (a) `min_interval` steps or more have passed
+    since its last switch (or the start), (b) it has r' unused directions left, and (c) the
+    lowest score among its eligible slots, the first one recompose() would recycle, is below
+    `ratio` times the mean score of its r slots: one pair has fallen well behind the others.
+    No switch after round(stop * total_steps).  min_interval defaults to half the fixed
+    schedule's interval, so no layer switches more than twice as often as Eq. (14) would.
+    Budget: a switch brings in r' directions and a layer stops at r_target, as with the fixed
+    schedule, so no layer visits more directions than N_switch switches bring; fewer if it rarely fires.
+    DDP: a decision reads only the tracker's EMAs (built from all-reduced gradients and weights
+    that every rank holds identically), the layer's buffers and the step, with no randomness,
+    so every rank decides the same without communicating.
+    Resume: state_dict() holds each layer's last switch step; save it with the tracker.
+    Use:   names = schedule.due(step, tracker); recompose(model, tracker, gamma, ..., layers=names)
+    """
+
+    def __init__(self, total_steps: int, r: int, r_target: int, gamma: float = 0.5, ratio: float = 0.5,
+                 every: int = 10, min_interval: int = None, stop: float = 1.0, score: str = "paper",
+                 grace: int = 0):
+        if not 0.0 < ratio <= 1.0 or every < 1:
+            raise ValueError(f"ratio={ratio} / every={every}: use ratio in (0, 1] (e.g. 0.5) and every >= 1")
+        _check_options(gamma, "recycled", "keep", score)
+        fixed = switch_steps(total_steps, r, r_target, gamma, stop)
+        self.min_interval = min_interval or max(1, (fixed[0] if fixed else total_steps) // 2)
+        self.horizon = round(stop * total_steps)
+        self.gamma, self.ratio, self.every, self.score, self.grace = gamma, ratio, every, score, grace
+        self.last = {}                          # layer name -> step of its last switch; absent: 0
+
+    @torch.no_grad()
+    def due(self, step: int, tracker: ImportanceTracker) -> list:
+        """Names of the layers that switch after optimizer step `step`; records them as switched."""
+        if step % self.every or step > self.horizon:
+            return []
+        names, fire = [], []
+        for name, layer in zip(tracker.names, tracker.layers):
+            k = n_recycle(layer.r, self.gamma)
+            if step - self.last.get(name, 0) < self.min_interval or layer.next_index + k > layer.r_target:
+                continue
+            scores = tracker.pair_scores(layer, relative=self.score == "relative")
+            lowest = scores.masked_fill(~eligible(layer, k, self.grace), math.inf).min()
+            names.append(name)
+            fire.append(lowest < self.ratio * scores.mean())
+        due = [name for name, f in zip(names, torch.stack(fire).tolist() if fire else []) if f]  # one host sync
+        self.last.update({name: step for name in due})
+        return due
+
+    def state_dict(self) -> dict:
+        return {"last": dict(self.last)}
+
+    def load_state_dict(self, state: dict):
+        self.last = dict(state["last"])

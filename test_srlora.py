@@ -1,13 +1,14 @@
 """Property tests for srlora.py: each test name states the property it checks."""
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
-from srlora import (ImportanceTracker, SRLoRAConfig, SRLoRALinear, apply_srlora, merge_srlora,
-                    n_recycle, recompose, switch_steps, top_singular)
+from srlora import (AdaptiveSchedule, ImportanceTracker, SRLoRAConfig, SRLoRALinear, apply_srlora,
+                    merge_srlora, n_recycle, recompose, switch_steps, top_singular)
 
 settings.register_profile("srlora", deadline=None, max_examples=30, derandomize=True)
 settings.load_profile("srlora")
@@ -146,6 +147,32 @@ def test_fuse_then_reinit_keeps_effective_weight(args, gamma, score_seed):
         assert events == []
 
 
+def plant_scores(tracker, layer, scores):
+    """Set the EMAs so that tracker.pair_scores(layer) == scores: Ubar = 1, Ibar carries the score
+    half on A's row and half on B's column (Eq. 6-7 average over the row and the column)."""
+    i, L = tracker.index[id(layer)], len(tracker.layers)
+    tracker.ubar[i].fill_(1)
+    tracker.ubar[L + i].fill_(1)
+    tracker.ibar[i].copy_((scores / 2)[:, None].expand_as(tracker.ibar[i]))
+    tracker.ibar[L + i].copy_((scores / 2)[None, :].expand_as(tracker.ibar[L + i]))
+
+
+@given(layer_args(), st.sampled_from([0.1, 0.25, 0.5, 0.75, 1.0]), st.permutations(range(24)))
+def test_recompose_recycles_exactly_the_r_prime_lowest_scoring_slots(args, gamma, order):
+    base, layer = make_layer(*args)
+    model = wrap(layer)
+    tracker = ImportanceTracker(model)
+    scores = torch.tensor([float(o) for o in order if o < layer.r]) + 1.0    # distinct, known ranking
+    plant_scores(tracker, layer, scores)
+    torch.testing.assert_close(tracker.pair_scores(layer), scores)
+    k = n_recycle(layer.r, gamma)
+    events = recompose(model, tracker, gamma=gamma)
+    if layer.r + k > layer.r_target:
+        assert events == []
+        return
+    assert sorted(events[0]["slots"]) == sorted(scores.argsort()[:k].tolist())
+
+
 @given(layer_args(), st.sampled_from([0.25, 0.5, 1.0]), st.integers(1, 12), st.integers(0, 1000))
 def test_consumed_singular_indices_never_repeat_and_exhaustion_is_quiet(args, gamma, n_calls, seed):
     base, layer = make_layer(*args)
@@ -181,6 +208,149 @@ def test_switch_steps_follow_eq_13_and_14(total, r, extra, gamma):
 
 def test_switch_steps_are_empty_when_r_target_is_r():
     assert switch_steps(1000, 8, 8, 0.5) == []
+
+
+@given(st.integers(1, 5000), st.integers(1, 16), st.integers(1, 600), st.sampled_from([0.25, 0.5, 1.0]),
+       st.floats(0.05, 1.0))
+def test_switch_stop_puts_the_same_switches_evenly_within_the_first_part_of_training(total, r, extra, gamma, stop):
+    steps = switch_steps(total, r, r + extra, gamma, stop=stop)
+    horizon = round(stop * total)
+    assert len(steps) == min((extra // n_recycle(r, gamma)), horizon)
+    assert all(1 <= s <= horizon for s in steps)
+    if steps:
+        assert steps == [(horizon // len(steps)) * (i + 1) for i in range(len(steps))]
+    assert switch_steps(total, r, r + extra, gamma, stop=1.0) == switch_steps(total, r, r + extra, gamma)
+
+
+@given(st.integers(0, 1000), st.lists(st.floats(0.1, 10.0), min_size=4, max_size=4))
+def test_relative_score_does_not_grow_with_the_slot_magnitude(seed, sizes):
+    # Four slots on the same rank-1 direction with different magnitudes c_k, under the same
+    # gradients: Eq. (7) grows as c_k^4 (I ~ c_k^2, S = Ibar Ubar), the relative score is equal.
+    g = torch.Generator().manual_seed(seed)
+    layer = SRLoRALinear(nn.Linear(10, 12), r=4, r_target=8)
+    model = wrap(layer)
+    tracker = ImportanceTracker(model)
+    c = torch.tensor(sizes)
+    a, b = torch.randn(10, generator=g), torch.randn(12, generator=g)
+    with torch.no_grad():
+        layer.lora_A.copy_(c[:, None] * a)
+        layer.lora_B.copy_(b[:, None] * c)
+    for _ in range(3):
+        G = torch.randn(12, 10, generator=g)                 # dL/d(Delta W) of a loss linear in Delta W
+        layer.lora_B.grad = layer.scaling * G @ layer.lora_A.detach().T
+        layer.lora_A.grad = layer.scaling * layer.lora_B.detach().T @ G
+        tracker.update()
+    relative, paper = tracker.pair_scores(layer, relative=True), tracker.pair_scores(layer)
+    torch.testing.assert_close(relative, relative[:1].expand(4), rtol=1e-4, atol=0)
+    torch.testing.assert_close(paper, relative * (c.square() * a.norm() * b.norm()).square(), rtol=1e-4, atol=0)
+
+
+@given(st.integers(1, 12), st.sampled_from([0.125, 0.25, 0.5]), st.integers(1, 3), st.integers(0, 1000))
+def test_a_refilled_slot_is_not_recycled_within_its_grace_switches(r, gamma, grace, seed):
+    layer = SRLoRALinear(nn.Linear(40, 40), r=r, r_target=40)
+    k = n_recycle(r, gamma)
+    model = wrap(layer)
+    tracker = ImportanceTracker(model)
+    if (grace + 1) * k > r:
+        with pytest.raises(ValueError, match="grace"):
+            recompose(model, tracker, gamma, grace=grace)
+        return
+    refilled_at = torch.full((r,), -1.0)                      # switch number that refilled each slot
+    g = torch.Generator().manual_seed(seed)
+    for switch in range(6):
+        # The adversarial case: the most recently refilled slots score lowest.
+        plant_scores(tracker, layer, 100.0 - refilled_at + torch.rand(r, generator=g) - 100.0 * (refilled_at >= 0))
+        events = recompose(model, tracker, gamma, grace=grace)
+        if not events:
+            break
+        slots = torch.tensor(events[0]["slots"])
+        assert ((refilled_at[slots] < 0) | (switch - refilled_at[slots] > grace)).all()
+        refilled_at[slots] = switch
+
+
+def test_recompose_switches_only_the_named_layers():
+    model = apply_srlora(Net(), targets=["query", "value"], r=2, r_target=6)
+    tracker = ImportanceTracker(model)
+    randomize_scores(tracker, 0)
+    value_before = copy.deepcopy(model.value.state_dict())
+    events = recompose(model, tracker, 0.5, layers=["query"])
+    assert [e["layer"] for e in events] == ["query"] and model.query.next_index == 3
+    assert all(torch.equal(v, value_before[k]) for k, v in model.value.state_dict().items() if torch.is_tensor(v))
+    assert recompose(model, tracker, 0.5, layers=[]) == []
+
+
+# --- adaptive schedule ----------------------------------------------------------------------
+
+@given(st.integers(0, 1000), st.floats(0.05, 1.0), st.sampled_from([0.25, 0.5, 1.0]))
+def test_adaptive_layer_switches_exactly_when_its_lowest_score_falls_below_ratio_times_mean(seed, ratio, gamma):
+    model = apply_srlora(Net(), targets=["query", "value"], r=4, r_target=12)
+    tracker = ImportanceTracker(model)
+    schedule = AdaptiveSchedule(100, 4, 12, gamma, ratio=ratio, every=1, min_interval=1)
+    g = torch.Generator().manual_seed(seed)
+    expected = []
+    for name, layer in zip(tracker.names, tracker.layers):
+        scores = torch.rand(4, generator=g) + 0.01
+        plant_scores(tracker, layer, scores)
+        scores = tracker.pair_scores(layer)
+        if scores.min() < ratio * scores.mean():
+            expected.append(name)
+    assert schedule.due(1, tracker) == expected
+
+
+def random_adaptive_run(schedule, model, tracker, total, seed, gamma):
+    """(step, layer) of every switch when the scores are random at every step."""
+    switched = []
+    for step in range(1, total + 1):
+        randomize_scores(tracker, seed + step)
+        for e in recompose(model, tracker, gamma, layers=schedule.due(step, tracker), grace=schedule.grace):
+            switched.append((step, e["layer"]))
+    return switched
+
+
+@given(st.integers(0, 1000), st.integers(20, 200), st.sampled_from([0.25, 0.5]), st.floats(0.3, 1.0),
+       st.integers(1, 7), st.integers(0, 1), st.floats(0.3, 1.0))
+def test_adaptive_schedule_keeps_the_budget_the_interval_and_the_horizon(seed, total, gamma, ratio, every, grace, stop):
+    model = apply_srlora(Net(), targets=["query", "value"], r=4, r_target=12)
+    tracker = ImportanceTracker(model)
+    schedule = AdaptiveSchedule(total, 4, 12, gamma, ratio=ratio, every=every, stop=stop, grace=grace)
+    switched = random_adaptive_run(schedule, model, tracker, total, seed, gamma)
+    for name, layer in zip(tracker.names, tracker.layers):
+        steps = [s for s, nm in switched if nm == name]
+        assert len(steps) <= (12 - 4) // n_recycle(4, gamma) and layer.next_index <= 12
+        assert all(s % every == 0 and s <= round(stop * total) for s in steps)
+        assert all(b - a >= schedule.min_interval for a, b in zip([0] + steps, steps))
+        assert layer.next_index == 4 + len(steps) * n_recycle(4, gamma)
+
+
+def test_adaptive_decisions_resume_identically_from_a_mid_run_checkpoint():
+    def fresh():
+        model = apply_srlora(Net(seed=3), targets=["query", "value"], r=4, r_target=16)
+        tracker = ImportanceTracker(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        return model, tracker, opt, AdaptiveSchedule(60, 4, 16, 0.5, ratio=0.6, every=2)
+
+    def run(model, tracker, opt, schedule, steps, seed):
+        torch.manual_seed(seed)
+        switched = []
+        for step in steps:
+            model(torch.randn(8, 12)).pow(2).mean().backward()
+            tracker.update()
+            opt.step()
+            opt.zero_grad()
+            names = schedule.due(step, tracker)
+            switched += [(step, e["layer"]) for e in recompose(model, tracker, 0.5, optimizer=opt, layers=names)]
+        return switched
+
+    a = fresh()
+    first = run(*a, range(1, 31), seed=1)
+    saved = copy.deepcopy([x.state_dict() for x in a])
+    b = fresh()
+    for x, state in zip(b, saved):
+        x.load_state_dict(state)
+    later_a, later_b = run(*a, range(31, 61), seed=2), run(*b, range(31, 61), seed=2)
+    assert first and later_a and later_a == later_b, (first, later_a, later_b)
+    for (na, ta), (nb, tb) in zip(a[0].state_dict().items(), b[0].state_dict().items()):
+        assert na == nb and (ta == tb if not torch.is_tensor(ta) else torch.equal(ta, tb)), na
 
 
 # --- importance -----------------------------------------------------------------------------
@@ -344,6 +514,27 @@ def test_state_dict_round_trip_resumes_identically():
     run(*b, steps=6, seed=2)
     for (na, ta), (nb, tb) in zip(a[0].state_dict().items(), b[0].state_dict().items()):
         assert na == nb and (ta == tb if not torch.is_tensor(ta) else torch.equal(ta, tb)), na
+
+
+@given(st.integers(0, 1000))
+def test_loading_a_checkpoint_replaces_the_basis_of_a_model_wrapped_from_other_weights(seed):
+    # The SVD basis (U, S, Vh) is model state: a checkpoint loaded into a model whose wrapped
+    # weights differ must bring the saved basis, so that later switches refill from it.
+    a = apply_srlora(Net(seed=seed), targets=["query", "value"], r=2, r_target=8)
+    b = apply_srlora(Net(seed=seed + 1), targets=["query", "value"], r=2, r_target=8)
+    assert not torch.equal(a.query.U, b.query.U)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    for la, lb in ((a.query, b.query), (a.value, b.value)):
+        for name in ("U", "S", "Vh", "weight", "lora_A", "lora_B", "active_indices"):
+            assert torch.equal(getattr(la, name), getattr(lb, name)), name
+    ta, tb = ImportanceTracker(a), ImportanceTracker(b)
+    randomize_scores(ta, seed)
+    randomize_scores(tb, seed)
+    recompose(a, ta, 0.5)
+    recompose(b, tb, 0.5)
+    x = torch.randn(5, 12)
+    assert torch.equal(a(x), b(x))
+    assert torch.equal(a.query.lora_A, b.query.lora_A) and torch.equal(a.query.lora_B, b.query.lora_B)
 
 
 @pytest.mark.parametrize("kwargs, match", [
