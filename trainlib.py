@@ -111,6 +111,9 @@ class TrainConfig:
     beta2: float = 0.85               # uncertainty EMA (Eq. 5), the paper's value
     reset: str = "recycled"           # importance reset at a switch: recycled (Alg. 1) or all (Sec. 3.1)
     moments: str = "keep"             # AdamW exp_avg_sq of recycled slots: keep or reset (see srlora.recompose)
+    score: str = "paper"              # switch ranking: paper (Eq. 7) or relative (Eq. 7 / pair magnitude squared)
+    grace: int = 0                    # a slot refilled at one switch is not recycled at its layer's next `grace` switches
+    switch_stop: float = 1.0          # all switches fall within the first switch_stop of the steps (1.0: the paper)
     optimizer: str = "adamw"          # adamw (the paper's GLUE runs) or sgd (its ViT runs)
     lr: float = 1e-4
     head_lr: float = 0.0              # learning rate of the classifier head; 0 means lr
@@ -255,9 +258,12 @@ def check_config(cfg):
                                  ("schedule", cfg.schedule, ("linear", "cosine")),
                                  ("reset", cfg.reset, ("recycled", "all")),
                                  ("moments", cfg.moments, ("keep", "reset")),
+                                 ("score", cfg.score, ("paper", "relative")),
                                  ("amp", cfg.amp, ("off", "bf16"))):
         if value not in allowed:
             raise UserError(f"--{flag}={value} is unknown; use one of {', '.join(allowed)}")
+    if not 0.0 < cfg.switch_stop <= 1.0 or cfg.grace < 0:
+        raise UserError(f"--switch_stop={cfg.switch_stop} / --grace={cfg.grace}: use switch_stop in (0, 1] and grace >= 0")
     if cfg.max_steps < 1 or cfg.grad_accum < 1 or cfg.eval_every < 1 or cfg.log_every < 1:
         raise UserError("--max_steps, --grad_accum, --eval_every and --log_every must be at least 1")
     if not cfg.targets:
@@ -535,7 +541,7 @@ def train_method(cfg, method, model, run, *, n_train, make_batch, loss_fn, evalu
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     tracker = ImportanceTracker(model, cfg.beta1, cfg.beta2) if method == "srlora" else None
-    switches = set(switch_steps(cfg.max_steps, cfg.r, cfg.r_target, cfg.gamma)) if tracker else set()
+    switches = set(switch_steps(cfg.max_steps, cfg.r, cfg.r_target, cfg.gamma, cfg.switch_stop)) if tracker else set()
     batches = Batches(n_train, cfg.batch_size, cfg.seed)
     best = {"dev_loss": math.inf, "step": 0, "dev": {}}
     step, elapsed = 0, 0.0
@@ -608,7 +614,8 @@ def train_method(cfg, method, model, run, *, n_train, make_batch, loss_fn, evalu
         window.append(loss_value)
         if step in switches:                              # Eq. (8)-(12)
             before = switch_diagnostics(tracker)
-            for event in recompose(model, tracker, cfg.gamma, optimizer=opt, reset=cfg.reset, moments=cfg.moments):
+            for event in recompose(model, tracker, cfg.gamma, optimizer=opt, reset=cfg.reset, moments=cfg.moments,
+                                   score=cfg.score, grace=cfg.grace):
                 run.log({"event": "switch", "method": method, "step": step, **event, **before[event["layer"]]})
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             lr = sched.get_last_lr()[0]

@@ -46,6 +46,10 @@ SUITES = {
     "small-r": {"script": "train_glue.py", "flags": ["--r=2", "--alpha=2", "--r_target=16"],
                 "runs": {f"seed{s}": [f"--seed={s}", f"--methods={METHODS if s == 0 else 'pissa,srlora'}"]
                          for s in SEEDS}},
+    # The same small-rank setting with the switch ranking that does not grow with a pair's magnitude.
+    "small-r-relative": {"script": "train_glue.py",
+                         "flags": ["--r=2", "--alpha=2", "--r_target=16", "--method=srlora", "--score=relative"],
+                         "runs": {f"seed{s}": [f"--seed={s}"] for s in SEEDS}},
     "vision": {"script": "train_vit.py", "flags": [],
                "runs": {f"seed{s}": [f"--seed={s}", f"--methods={METHODS}"] for s in SEEDS}},
     # SRLoRA alone, seed 0, one setting changed from the default per run; the default itself
@@ -57,7 +61,8 @@ SUITES = {
 }
 # The dynamics: SRLoRA alone, seed 0, logging each switch's pair scores and pair magnitudes (trainlib's
 # switch_diagnostics), for the default and for the settings that could change which slots rotate.
-DYNAMICS = {"default": [], "rtarget128": ["--r_target=128"]}
+DYNAMICS = {"default": [], "rtarget128": ["--r_target=128"], "score_relative": ["--score=relative"],
+            "grace1": ["--grace=1"], "stop0.75": ["--switch_stop=0.75"]}
 SUITES["dynamics"] = {"script": "train_glue.py", "flags": ["--seed=0", "--method=srlora"], "runs": DYNAMICS}
 DEFAULT = "default"   # the text suite's seed-0 SRLoRA run, standing in for gamma0.5, rtarget32, keep, recycled
 ABLATION_GROUPS = {"gamma": ("gamma0.25", DEFAULT, "gamma0.75"),

@@ -1,6 +1,6 @@
 """The mechanism, isolated: does recomposition help when the task needs an update of rank R > r?
 
-    python experiments/synthetic.py            # about 2 minutes on one CPU core; writes docs/results/synthetic/
+    python experiments/synthetic.py            # about 3 CPU-minutes on one core; writes docs/results/synthetic/
 
 A "pretrained" network: an MLP of `depth` square tanh layers (the last one linear), each weight
 W0 = U diag(s) V^T with random orthogonal U, V and a decaying spectrum s_i = 1 / sqrt(1 + i).  The
@@ -28,17 +28,21 @@ import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from srlora import ImportanceTracker, apply_srlora, recompose, srlora_layers, switch_steps  # noqa: E402
+from srlora import AdaptiveSchedule, ImportanceTracker, apply_srlora, recompose, srlora_layers, switch_steps  # noqa: E402
 
 OUT = ROOT / "docs" / "results" / "synthetic"
 
 # method: (apply_srlora settings, recompose settings).  r and r_target are filled in from the flags;
 # "lora_rt" is LoRA with rank r_target, the upper reference with the same span and more parameters.
+# SRLoRA's switch settings: recompose() options, plus "stop" (switch_steps) and "adaptive" (AdaptiveSchedule).
 METHODS = {
     "lora": ({"init": "lora"}, None),
     "pissa": ({"init": "pissa", "r_target": "r"}, None),
     "srlora": ({"init": "pissa"}, {}),
-    "srlora_reset_all": ({"init": "pissa"}, {"reset": "all"}),
+    "srlora_relative": ({"init": "pissa"}, {"score": "relative"}),
+    "srlora_grace1": ({"init": "pissa"}, {"grace": 1}),
+    "srlora_stop0.75": ({"init": "pissa"}, {"stop": 0.75}),
+    "srlora_adaptive": ({"init": "pissa"}, {"adaptive": True}),
     "lora_rt": ({"init": "lora", "r": "r_target"}, None),
 }
 
@@ -99,7 +103,10 @@ def train(W0, teacher, method, args, lr, seed):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     tracker = ImportanceTracker(model) if switch is not None else None
-    switches = set(switch_steps(args.steps, cfg["r"], cfg["r_target"], cfg["gamma"])) if tracker else set()
+    switch = dict(switch or {})
+    stop, adaptive = switch.pop("stop", 1.0), switch.pop("adaptive", False)
+    switches = set(switch_steps(args.steps, cfg["r"], cfg["r_target"], cfg["gamma"], stop)) if tracker else set()
+    schedule = AdaptiveSchedule(args.steps, cfg["r"], cfg["r_target"], cfg["gamma"]) if adaptive else None
     gen = torch.Generator().manual_seed(1000 + seed)
     for step in range(1, args.steps + 1):
         lr_now = lr * min(1.0, step / args.warmup) * (1 - step / (args.steps + 1))
@@ -114,7 +121,11 @@ def train(W0, teacher, method, args, lr, seed):
         if tracker:
             tracker.update()
         opt.step()
-        if step in switches:
+        if schedule is not None:
+            due = schedule.due(step, tracker)
+            if due:
+                recompose(model, tracker, cfg["gamma"], optimizer=opt, layers=due)
+        elif step in switches:
             recompose(model, tracker, cfg["gamma"], optimizer=opt, **switch)
     x = torch.randn(4096, args.d, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
@@ -133,7 +144,7 @@ def main():
     parser.add_argument("--ranks", default="2,8,32", help="teacher change ranks R")
     parser.add_argument("--kinds", default="random,principal")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--lrs", default="0.01,0.03", help="Adam learning rates tried per method")
+    parser.add_argument("--lrs", default="0.03", help="Adam learning rates tried per method (comma-separated; the best is reported)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=20)
