@@ -76,7 +76,8 @@ def score_gaps(records):
     """Per (layer, switch after the first): mean score of the slots refilled one switch earlier over
     the mean score of the other slots, the same for score / magnitude², and the magnitude ratio.
     Returns three arrays (empty when the log holds no scores), and the slope of log score against
-    log magnitude over all slots (2 if the score grows as the magnitude squared)."""
+    log magnitude among the slots of one layer at one switch, pooled over all of them (2 if the
+    score grows as the magnitude squared)."""
     raw, per_mag2, mag, xs, ys = [], [], [], [], []
     for events in switches_by_layer(records).values():
         for before, now in zip(events, events[1:]):
@@ -88,7 +89,7 @@ def score_gaps(records):
             raw.append(s[new].mean() / s[~new].mean())
             per_mag2.append((s / n ** 2)[new].mean() / (s / n ** 2)[~new].mean())
             mag.append(n[new].mean() / n[~new].mean())
-            xs += list(np.log(n))
-            ys += list(np.log(s))
+            xs += list(np.log(n) - np.log(n).mean())        # within one layer's switch: layers differ in scale
+            ys += list(np.log(s) - np.log(s).mean())
     slope = float(np.polyfit(xs, ys, 1)[0]) if len(xs) > 2 else float("nan")
     return np.array(raw), np.array(per_mag2), np.array(mag), slope
