@@ -513,6 +513,7 @@ def synthetic_best(data):
 
 def plot_synthetic(best, kinds, ranks, methods, path):
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, len(kinds), figsize=(5 * len(kinds), 7), squeeze=False)
@@ -527,6 +528,7 @@ def plot_synthetic(best, kinds, ranks, methods, path):
                        ylabel="effective rank of W_final - W0")
         for ax in axes[:, j]:
             ax.set_xticks(ranks, [str(R) for R in ranks])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -554,6 +556,14 @@ def synthetic_section():
            f"; {c['seeds']} seeds (each seed draws its own network and teacher). Test loss: mean squared error to the teacher on 4,096 held-out inputs "
            "(before training it is the *start* column). Effective rank of ΔW = W_final − W0: exp of the entropy "
            "of its normalised singular values (Roy and Vetterli, 2007), averaged over layers.", ""]
+    check = RESULTS / "synthetic" / "lr_check" / "results.json"
+    if check.exists():
+        lc = json.loads(check.read_text())
+        cc, rows = lc["config"], synthetic_best(lc)
+        out += [f"Learning-rate check (`python experiments/synthetic.py --seeds={cc['seeds']} --ranks={cc['ranks']} "
+                f"--kinds={cc['kinds']} --lrs={cc['lrs']} --methods={cc['methods']} "
+                "--out=docs/results/synthetic/lr_check`): the best learning rate of each method was "
+                + ", ".join(f"{synthetic_name(r['method'])} {r['lr']:g}" for r in rows.values()) + ".", ""]
     for kind in kinds:
         out += [f"**{kind} change.** Test loss ×1000, mean ± sd over seeds (best learning rate), and effective rank of ΔW.", "",
                 "| method | " + " | ".join(f"R={R} loss | R={R} eff. rank" for R in ranks) + " |",
