@@ -598,6 +598,20 @@ def synthetic_section():
                 cells.append(f"{v.removeprefix('srlora_')}: "
                              f"{'inconclusive' if ruling.startswith('inconclusive') else ruling}")
             out.append(f"| {kind} | {R} | " + " | ".join(cells) + " |")
+    out.append("")
+    loss = lambda kind, R, m: mean_sd(best[(kind, R, m)]["test_loss"])  # noqa: E731
+    if "random" in kinds and all(verdict(loss("random", R, "pissa"), loss("random", R, "lora"), False) == "not confirmed"
+                                 for R in ranks):
+        out.append("- On a random change PiSSA(r) ends worse than LoRA(r) at every R. Its r slots start out holding "
+                   "W0's top-r part, which B A must go on carrying, so a change outside that span has to share the "
+                   "same r ranks with it; LoRA's r ranks are free. SRLoRA fuses slots into W at its switches and refills "
+                   "them from smaller singular directions, so the changes it made accumulate in W and less of the "
+                   "adapter goes to carrying W0: this is what recomposition adds over PiSSA.")
+    er = {m: [np.mean(best[(k, R, m)]["erank"]) for k in kinds for R in ranks] for m in ("srlora", "lora_rt")}
+    out.append(f"- The effective rank of SRLoRA's ΔW is {min(er['srlora']):.0f} to {max(er['srlora']):.0f} over all "
+               f"cells (LoRA(r_target): {min(er['lora_rt']):.0f} to {max(er['lora_rt']):.0f}): recomposition does "
+               "build a change of rank well above r, and at small R well above what the task needs (it changes "
+               "every direction it visits).")
     return out + [""]
 
 
