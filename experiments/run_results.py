@@ -663,8 +663,18 @@ def cause_readings(stats, runs):
         line += (f"At r_target 128 the interval is {short['interval']} steps ({k:.0%} of a steady signal) and the "
                  f"rotation is {short['rot']:.0%}, with a refilled slot at a median {short['raw']:.3f} of the kept "
                  f"slots' score ({short['mag2']:.2f} per magnitude²). ")
+    else:
+        short = load("ablations").get("rtarget128")
+        if short:
+            steps = sorted({e["step"] for e in short["records"] if e.get("event") == "switch"})
+            hits, pairs = dynamics.rotation(short["records"])
+            short = {"interval": steps[1] - steps[0], "rot": hits / pairs}
+            k = 1 - max(c["beta1"], c["beta2"]) ** short["interval"]
+            line += (f"At r_target 128 (ablations) the interval is {short['interval']} steps, where the EMAs reach "
+                     f"{k:.0%} of a steady signal, and the rotation rises to {hits} / {pairs} ({short['rot']:.0%}). ")
     line += (f"**Refuted at the default interval** (the EMAs have saturated)" +
-             ("; **it adds to the rotation when the interval is short**." if short and short["rot"] > d["rot"] else "."))
+             ("; **consistent with a cause when the interval is short**, where the reset and the shorter training "
+              "of a new slot cannot be told apart." if short and short["rot"] > d["rot"] else "."))
     out.append(line)
     moments = load("ablations").get("moments_reset")
     if moments and text0:
