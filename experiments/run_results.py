@@ -265,7 +265,8 @@ def suite_section(suite, runs, command):
     for method in ROWS:
         if method in table:
             t = table[method]
-            seeds = "" if len(t["dev_loss"]) == len(runs) else f" ({len(t['dev_loss'])} seed, no spread)"
+            n, n_all = len(t["dev_loss"]), len({r["config"]["seed"] for r in runs.values()})
+            seeds = "" if n == n_all else " (1 seed, no spread)" if n == 1 else f" ({n} seeds)"
             out.append(f"| {NAMES[method]}{seeds} | {fmt(*mean_sd(t['dev'][metric]))} | {fmt(*mean_sd(t['dev_loss']), 1, 4)} "
                        f"| {fmt(*mean_sd(t['early']), 1, 4)} |")
     first_switch = [min((r["step"] for r in run["records"] if r["event"] == "switch"), default=None)
@@ -286,7 +287,7 @@ def suite_section(suite, runs, command):
         readings.append(f"- Faster early training-loss reduction than {NAMES[other]} (Fig. 3; mean training loss over "
                         f"the first 25% of steps, {fmt(*mean_sd(s['early']), 1, 4)} vs {fmt(*mean_sd(o['early']), 1, 4)}): "
                         f"**{verdict(mean_sd(s['early']), mean_sd(o['early']), claim_higher=False)}**.")
-        if suite.startswith("text"):
+        if suite.startswith("text") or suite.startswith("small-r"):
             readings.append(f"- Dev {metric} comparable to {NAMES[other]} (Table 3; {fmt(*mean_sd(s['dev'][metric]))} vs "
                             f"{fmt(*mean_sd(o['dev'][metric]))}): **{comparable(mean_sd(s['dev'][metric]), mean_sd(o['dev'][metric]))}**.")
         elif other == "lora":
