@@ -14,10 +14,13 @@ The whole method is four steps:
      The effective weight W + scaling * B A does not change.                   recompose()
   4. Switch steps are evenly spaced so that the run ends having visited r_target
      directions (Eq. 13-14).                                                switch_steps()
+     Or each layer switches when its own scores say so (the paper's future work).  AdaptiveSchedule
 
 Where the paper is silent this file makes a choice and says so where it is made:
 alpha/r scaling, the SVD algorithm, optimizer state of recycled slots, and which
-importance state is reset.  Depends on torch alone.
+importance state is reset.  Alternatives that change the switch dynamics (score, grace,
+switch_stop, switch_schedule) are fields of SRLoRAConfig; the defaults are the paper's.
+Depends on torch alone.
 """
 import dataclasses
 import math
@@ -41,13 +44,14 @@ class SRLoRAConfig:
     init: str = "pissa"     # "pissa": top-r SVD (SRLoRA, PiSSA); "lora": Kaiming A, zero B
     reset: str = "recycled" # importance reset at a switch: "recycled" (Alg. 1 line 10) or "all" (Sec. 3.1)
     moments: str = "keep"   # optimizer 2nd moment of recycled slots: "keep" or "reset" (see recompose)
-    svd: str = "auto"       # "full", "lowrank" (randomized, seeded) or "auto" (lowrank when r_target << min(m, n))
+    svd: str = "auto"       # "full", "lowrank" (randomized, seeded) or "auto" (full up to AUTO_FULL_MAX wide, else lowrank)
     # Alternatives that change the switch dynamics (README: silent choices); each default is the paper's.
     score: str = "paper"    # "paper": Eq. (7); "relative": Eq. (7) / (|B_k| |A_k|)^2, so a slot's score does not grow with its size
     grace: int = 0          # a slot refilled at one switch cannot be recycled at its layer's next `grace` switches
     switch_stop: float = 1.0        # the fixed schedule puts every switch within the first switch_stop of the steps
     switch_schedule: str = "fixed"  # "fixed": Eq. (13)-(14); "adaptive": each layer when AdaptiveSchedule says so
-    adapt_ratio: float = 0.5        # adaptive: a layer switches when its lowest score < adapt_ratio * its mean score
+    adapt_ratio: float = 0.1        # adaptive: a layer switches when its lowest score < adapt_ratio * its mean score
+                                    # (0.5 switched 29-31 of MiniLM's 36 layers at every check they were allowed)
     adapt_every: int = 10           # adaptive: steps between checks (each check reads one number per layer)
 
 
@@ -85,21 +89,32 @@ def switch_steps(total_steps: int, r: int, r_target: int, gamma: float, stop: fl
     return [interval * i for i in range(1, n_switch + 1)]
 
 
+# "auto" takes the exact SVD up to this smaller side: 1.6 s per 1024x1024 matrix on one CPU thread,
+# against 9.5 s at 2048 and 75 s at 4096 (bench/svd_accuracy.py, docs/BENCHMARKS.md).
+AUTO_FULL_MAX = 1024
+
+
 @torch.no_grad()
-def top_singular(W: torch.Tensor, k: int, method: str = "auto", niter: int = 4, seed: int = 0):
+def top_singular(W: torch.Tensor, k: int, method: str = "auto", niter: int = 16, seed: int = 0,
+                 oversample: float = 1.0):
     """Top-k singular triplets (U (.., m, k), S (.., k), Vh (.., k, n)) of W (.., m, n), in fp32.
 
     "full" is the exact torch.linalg.svd.  "lowrank" is the randomized range finder of Halko,
-    Martinsson and Tropp (2011) with oversampling and `niter` power iterations; its Gaussian
-    test matrix comes from a generator seeded with `seed`, so every process (e.g. every DDP
-    rank) gets the same basis and the global RNG is left untouched.  Leading batch dimensions
-    are allowed, so same-shaped weights share one call.
+    Martinsson and Tropp (2011) with a sketch of k + max(8, oversample k) columns and `niter` power iterations;
+    its Gaussian test matrix comes from a generator seeded with `seed`, so every process (e.g.
+    every DDP rank) gets the same basis and the global RNG is left untouched.  "auto" is "full"
+    when min(m, n) <= AUTO_FULL_MAX or the sketch is not much narrower than W, else "lowrank".
+    The 2k sketch and 16 iterations are what it took on real weights for the directions that
+    recompose() brings in, the tail r .. k-1 of the window, to be the exact singular vectors
+    (|cos| >= 0.99 wherever neighbouring singular values differ by > 1%); a 1.5k sketch with 4
+    iterations gave |cos| down to 0.025 there.  Leading batch dimensions are allowed, so
+    same-shaped weights share one call.
     """
     W = W.float()
     m, n = W.shape[-2:]
-    q = min(k + max(8, k // 2), m, n)          # oversampled sketch width
+    q = min(k + max(8, int(oversample * k)), m, n)                        # oversampled sketch width
     if method == "auto":
-        method = "lowrank" if 2 * q <= min(m, n) else "full"
+        method = "full" if min(m, n) <= AUTO_FULL_MAX or 2 * q > min(m, n) else "lowrank"
     if method == "full":
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         return U[..., :k], S[..., :k], Vh[..., :k, :]
@@ -483,7 +498,7 @@ class AdaptiveSchedule:
     Use:   names = schedule.due(step, tracker); recompose(model, tracker, gamma, ..., layers=names)
     """
 
-    def __init__(self, total_steps: int, r: int, r_target: int, gamma: float = 0.5, ratio: float = 0.5,
+    def __init__(self, total_steps: int, r: int, r_target: int, gamma: float = 0.5, ratio: float = 0.1,
                  every: int = 10, min_interval: int = None, stop: float = 1.0, score: str = "paper",
                  grace: int = 0):
         if not 0.0 < ratio <= 1.0 or every < 1:

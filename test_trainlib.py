@@ -123,6 +123,11 @@ def test_resume_refuses_other_settings_or_a_folder_without_checkpoint(tmp_path):
         run(tmp_path, method="srlora", fail_at=25, save_every=10)
     with pytest.raises(UserError, match="lr=0.01"):
         run(tmp_path, method="srlora", lr=0.02, resume=str(folder(tmp_path, "srlora")))
+    config = folder(tmp_path, "srlora") / "config.json"     # a run started before a flag existed
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "switch_stop"}))
+    with pytest.raises(UserError, match="switch_stop=None"):
+        run(tmp_path, method="srlora", save_every=10, switch_stop=0.5, resume=str(folder(tmp_path, "srlora")))
+    run(tmp_path, method="srlora", save_every=10, resume=str(folder(tmp_path, "srlora")))   # at the default: resumes
 
 
 def test_resume_after_a_crash_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
@@ -144,6 +149,24 @@ def test_resume_after_a_crash_is_bitwise_identical_to_an_uninterrupted_run(tmp_p
             v, w = sa["model"][k], sb["model"][k]
             assert (torch.equal(v, w) if torch.is_tensor(v) else v == w), k
     assert (a / "log.jsonl").read_text() == (b / "log.jsonl").read_text()
+
+
+def test_adaptive_schedule_with_every_option_resumes_bitwise_identically(tmp_path):
+    options = dict(method="srlora", switch_schedule="adaptive", adapt_every=2, adapt_ratio=0.8, score="relative",
+                   grace=1, switch_stop=0.8, save_every=5)
+    run(tmp_path / "a", **options)
+    with pytest.raises(KeyboardInterrupt):                 # dies after switches and a checkpoint
+        run(tmp_path / "b", fail_at=9, **options)
+    run(tmp_path / "b", resume=str(folder(tmp_path / "b", "srlora")), **options)
+    a, b = folder(tmp_path / "a", "srlora"), folder(tmp_path / "b", "srlora")
+    assert (a / "log.jsonl").read_text() == (b / "log.jsonl").read_text()
+    switches = [json.loads(l) for l in (a / "log.jsonl").read_text().splitlines() if '"switch"' in l]
+    assert switches and all(e["step"] <= 0.8 * 40 and e["step"] % 2 == 0 for e in switches)
+    sa, sb = (torch.load(f / "ckpt" / "srlora" / "last.pt", weights_only=False) for f in (a, b))
+    assert sa["schedule"] == sb["schedule"] and sa["schedule"]["last"]
+    for k in sa["model"]:
+        v, w = sa["model"][k], sb["model"][k]
+        assert (torch.equal(v, w) if torch.is_tensor(v) else v == w), k
 
 
 def test_a_non_finite_loss_stops_the_run_before_it_touches_the_weights(tmp_path):
@@ -199,7 +222,9 @@ def test_atomic_save_keeps_the_previous_file_when_writing_fails(tmp_path):
 def test_config_errors_name_the_flag(tmp_path):
     for overrides, match in ((dict(method="dora"), "unknown method"), (dict(r_target=2), "r_target=2"),
                              (dict(gamma=0.0), "gamma"), (dict(targets="nothing"), "match no nn.Linear"),
-                             (dict(r=40), "r=40"), (dict(batch_size=10, grad_accum=4), "divisible")):
+                             (dict(r=40), "r=40"), (dict(batch_size=10, grad_accum=4), "divisible"),
+                             (dict(score="size"), "score"), (dict(grace=2), "grace=2"),
+                             (dict(switch_stop=0.0), "switch_stop"), (dict(switch_schedule="often"), "switch_schedule")):
         with pytest.raises(UserError, match=match):
             run(tmp_path, **overrides)
     assert not any(tmp_path.iterdir())                     # nothing was written
@@ -215,7 +240,8 @@ def toy_main(argv):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_agree_and_match_one_process(tmp_path):
+@pytest.mark.parametrize("schedule", ["fixed", "adaptive"])   # adaptive: every rank must take the same decisions
+def test_two_gloo_processes_agree_and_match_one_process(tmp_path, schedule):
     import os
     import socket
     import subprocess
@@ -223,7 +249,8 @@ def test_two_gloo_processes_agree_and_match_one_process(tmp_path):
     root = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
     code = "import sys, test_trainlib as t; t.toy_main(sys.argv[1:])"
-    args = ["--method=srlora", "--max_steps=24", "--eval_every=12", "--batch_size=16"]
+    args = ["--method=srlora", "--max_steps=24", "--eval_every=12", "--batch_size=16",
+            f"--switch_schedule={schedule}", "--adapt_every=2", "--adapt_ratio=0.9"]
     subprocess.run([sys.executable, "-c", code, f"--out_dir={tmp_path / 'one'}", *args], env=env, check=True,
                    capture_output=True, timeout=300)
     with socket.socket() as s:                             # a free port for the rendezvous

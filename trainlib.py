@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from srlora import ImportanceTracker, apply_srlora, recompose, srlora_layers, switch_steps
+from srlora import (AdaptiveSchedule, ImportanceTracker, apply_srlora, n_recycle, recompose, srlora_layers,
+                    switch_steps)
 
 
 class UserError(Exception):
@@ -111,9 +112,12 @@ class TrainConfig:
     beta2: float = 0.85               # uncertainty EMA (Eq. 5), the paper's value
     reset: str = "recycled"           # importance reset at a switch: recycled (Alg. 1) or all (Sec. 3.1)
     moments: str = "keep"             # AdamW exp_avg_sq of recycled slots: keep or reset (see srlora.recompose)
-    score: str = "paper"              # switch ranking: paper (Eq. 7) or relative (Eq. 7 / pair magnitude squared)
-    grace: int = 0                    # a slot refilled at one switch is not recycled at its layer's next `grace` switches
-    switch_stop: float = 1.0          # all switches fall within the first switch_stop of the steps (1.0: the paper)
+    score: str = "paper"              # slot ranking: paper (Eq. 7) or relative (Eq. 7 / (|B_k| |A_k|)^2); see srlora.SRLoRAConfig
+    grace: int = 0                    # a refilled slot is not recycled at its layer's next `grace` switches
+    switch_stop: float = 1.0          # all switches within the first switch_stop of the steps (1.0: the paper's schedule)
+    switch_schedule: str = "fixed"    # fixed (Eq. 13-14) or adaptive (srlora.AdaptiveSchedule, per layer)
+    adapt_ratio: float = 0.1          # adaptive: switch when a layer's lowest score < adapt_ratio * its mean
+    adapt_every: int = 10             # adaptive: steps between checks
     optimizer: str = "adamw"          # adamw (the paper's GLUE runs) or sgd (its ViT runs)
     lr: float = 1e-4
     head_lr: float = 0.0              # learning rate of the classifier head; 0 means lr
@@ -259,11 +263,16 @@ def check_config(cfg):
                                  ("reset", cfg.reset, ("recycled", "all")),
                                  ("moments", cfg.moments, ("keep", "reset")),
                                  ("score", cfg.score, ("paper", "relative")),
+                                 ("switch_schedule", cfg.switch_schedule, ("fixed", "adaptive")),
                                  ("amp", cfg.amp, ("off", "bf16"))):
         if value not in allowed:
             raise UserError(f"--{flag}={value} is unknown; use one of {', '.join(allowed)}")
-    if not 0.0 < cfg.switch_stop <= 1.0 or cfg.grace < 0:
-        raise UserError(f"--switch_stop={cfg.switch_stop} / --grace={cfg.grace}: use switch_stop in (0, 1] and grace >= 0")
+    if not 0.0 < cfg.switch_stop <= 1.0 or not 0.0 < cfg.adapt_ratio <= 1.0 or cfg.adapt_every < 1:
+        raise UserError(f"--switch_stop={cfg.switch_stop}, --adapt_ratio={cfg.adapt_ratio} and "
+                        f"--adapt_every={cfg.adapt_every}: use values in (0, 1], (0, 1] and >= 1")
+    if cfg.grace < 0 or (cfg.grace + 1) * n_recycle(cfg.r, cfg.gamma) > cfg.r:
+        raise UserError(f"--grace={cfg.grace}: use 0 .. {cfg.r // n_recycle(cfg.r, cfg.gamma) - 1}; a larger grace "
+                        f"leaves fewer than r' = round(gamma * r) slots to recycle")
     if cfg.max_steps < 1 or cfg.grad_accum < 1 or cfg.eval_every < 1 or cfg.log_every < 1:
         raise UserError("--max_steps, --grad_accum, --eval_every and --log_every must be at least 1")
     if not cfg.targets:
@@ -309,6 +318,8 @@ class Run:
         self.path = Path(cfg.resume) if cfg.resume else Path(cfg.out_dir) / (
             cfg.name or f"{task}-{'+'.join(self.methods)}-seed{cfg.seed}")
         self.config = {"task": task, **dataclasses.asdict(cfg)}
+        # a flag added after a run started was at its default there: resuming that run is fine
+        self.defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
         self.done = []                                    # metrics of finished methods
         if cfg.resume:
             self._check_resume()
@@ -327,7 +338,8 @@ class Run:
         if not (self.path / "config.json").exists():
             raise UserError(f"--resume {self.path}: no run there (no config.json); check the folder name")
         saved = json.loads((self.path / "config.json").read_text())
-        diff = [k for k in self.config if k not in RESUMABLE_CHANGES and saved.get(k) != self.config[k]]
+        diff = [k for k in self.config if k not in RESUMABLE_CHANGES
+                and saved.get(k, self.defaults.get(k)) != self.config[k]]
         if diff:
             k = diff[0]
             raise UserError(f"--resume {self.path}: the checkpoint was made with {k}={saved.get(k)!r}, "
@@ -541,7 +553,11 @@ def train_method(cfg, method, model, run, *, n_train, make_batch, loss_fn, evalu
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     tracker = ImportanceTracker(model, cfg.beta1, cfg.beta2) if method == "srlora" else None
-    switches = set(switch_steps(cfg.max_steps, cfg.r, cfg.r_target, cfg.gamma, cfg.switch_stop)) if tracker else set()
+    adaptive = AdaptiveSchedule(cfg.max_steps, cfg.r, cfg.r_target, cfg.gamma, cfg.adapt_ratio, cfg.adapt_every,
+                                stop=cfg.switch_stop, score=cfg.score, grace=cfg.grace) \
+        if tracker and cfg.switch_schedule == "adaptive" else None
+    switches = set(switch_steps(cfg.max_steps, cfg.r, cfg.r_target, cfg.gamma, cfg.switch_stop)) \
+        if tracker and not adaptive else set()
     batches = Batches(n_train, cfg.batch_size, cfg.seed)
     best = {"dev_loss": math.inf, "step": 0, "dev": {}}
     step, elapsed = 0, 0.0
@@ -559,6 +575,8 @@ def train_method(cfg, method, model, run, *, n_train, make_batch, loss_fn, evalu
         sched.load_state_dict(ckpt["scheduler"])
         if tracker:
             tracker.load_state_dict(ckpt["tracker"])
+        if adaptive:
+            adaptive.load_state_dict(ckpt["schedule"])
         batches.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"])
         step, best, elapsed = ckpt["step"], ckpt["best"], ckpt["elapsed"]
@@ -574,6 +592,7 @@ def train_method(cfg, method, model, run, *, n_train, make_batch, loss_fn, evalu
         if rank == 0:
             save_atomic({"method": method, "step": step, "model": adapted_state(model),
                          "tracker": tracker.state_dict() if tracker else None,
+                         "schedule": adaptive.state_dict() if adaptive else None,
                          "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "data": batches.state_dict(), "rng": rng_state(), "best": best,
                          "elapsed": elapsed + time.time() - t0}, run.ckpt(method, kind))
@@ -612,11 +631,13 @@ def train_method(cfg, method, model, run, *, n_train, make_batch, loss_fn, evalu
         sched.step()
         opt.zero_grad(set_to_none=True)
         window.append(loss_value)
-        if step in switches:                              # Eq. (8)-(12)
-            before = switch_diagnostics(tracker)
-            for event in recompose(model, tracker, cfg.gamma, optimizer=opt, reset=cfg.reset, moments=cfg.moments,
-                                   score=cfg.score, grace=cfg.grace):
-                run.log({"event": "switch", "method": method, "step": step, **event, **before[event["layer"]]})
+        if step in switches or adaptive:                  # Eq. (8)-(12)
+            layers = adaptive.due(step, tracker) if adaptive else None      # None: every layer
+            if layers is None or layers:
+                before = switch_diagnostics(tracker)
+                for event in recompose(model, tracker, cfg.gamma, optimizer=opt, reset=cfg.reset, moments=cfg.moments,
+                                       score=cfg.score, grace=cfg.grace, layers=layers):
+                    run.log({"event": "switch", "method": method, "step": step, **event, **before[event["layer"]]})
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             lr = sched.get_last_lr()[0]
             run.log({"event": "train", "method": method, "step": step, "loss": sum(window) / len(window), "lr": lr})
