@@ -702,6 +702,9 @@ def write_report():
              "they do not reproduce its tables. The paper's CIFAR-100 claim (Table 4: SRLoRA 92.51 vs LoRA 90.06) "
              "is untested: no CIFAR-100 is available offline (`train_vit.py --dataset=cifar100 --data_dir=...` "
              "runs it from files on disk).", "",
+             "The MiniLM and DINOv2 runs here took the top singular directions with the randomized SVD, which "
+             "`svd=\"auto\"` used at these widths when they ran; `auto` is now the exact SVD up to 1,024 wide, so "
+             "re-running a suite starts PiSSA and SRLoRA from slightly different (exact) directions.", "",
              "A claimed difference is **confirmed** when it holds by more than the seed spread "
              "(sqrt(sd_a² + sd_b²)), **not confirmed** when the opposite holds by more than that, and "
              "**inconclusive** when the difference is within it.", ""]
@@ -717,6 +720,9 @@ def write_report():
     runs = with_alternative(load("small-r"), "small-r-relative", "srlora-relative")
     if runs:
         lines += suite_section("small-r", runs, COMMANDS["small-r"])
+        lines += ["Only r=2 was run, at the demo's 200 steps (the relative score with "
+                  f"`{COMMANDS['small-r-relative']}`); r in {{1, 4, 8}}, 1,000-step budgets and LoRA at rank "
+                  "r_target are not measured here.", ""]
     (DOCS / "RESULTS.md").write_text("\n".join(lines))
     print(f"wrote {DOCS / 'RESULTS.md'}")
 

@@ -42,7 +42,7 @@ METHODS = {
     "srlora_relative": ({"init": "pissa"}, {"score": "relative"}),
     "srlora_grace1": ({"init": "pissa"}, {"grace": 1}),
     "srlora_stop0.75": ({"init": "pissa"}, {"stop": 0.75}),
-    "srlora_adaptive": ({"init": "pissa"}, {"adaptive": True}),
+    "srlora_adaptive": ({"init": "pissa"}, {"adaptive": 0.5}),   # AdaptiveSchedule ratio 0.5 (srlora's default is 0.1)
     "lora_rt": ({"init": "lora", "r": "r_target"}, None),
 }
 
@@ -104,9 +104,9 @@ def train(W0, teacher, method, args, lr, seed):
     opt = torch.optim.Adam(params, lr=lr)
     tracker = ImportanceTracker(model) if switch is not None else None
     switch = dict(switch or {})
-    stop, adaptive = switch.pop("stop", 1.0), switch.pop("adaptive", False)
+    stop, ratio = switch.pop("stop", 1.0), switch.pop("adaptive", None)
     switches = set(switch_steps(args.steps, cfg["r"], cfg["r_target"], cfg["gamma"], stop)) if tracker else set()
-    schedule = AdaptiveSchedule(args.steps, cfg["r"], cfg["r_target"], cfg["gamma"]) if adaptive else None
+    schedule = AdaptiveSchedule(args.steps, cfg["r"], cfg["r_target"], cfg["gamma"], ratio=ratio) if ratio else None
     gen = torch.Generator().manual_seed(1000 + seed)
     for step in range(1, args.steps + 1):
         lr_now = lr * min(1.0, step / args.warmup) * (1 - step / (args.steps + 1))
