@@ -650,9 +650,11 @@ def train_method(cfg, method, model, run, *, n_train, make_batch, loss_fn, evalu
         window.append(loss_value)
         if step in switches or adaptive:                  # Eq. (8)-(12)
             layers = adaptive.due(step, tracker) if adaptive else None      # None: every layer
-            for event in recompose(model, tracker, cfg.gamma, optimizer=opt, reset=cfg.reset, moments=cfg.moments,
-                                   score=cfg.score, grace=cfg.grace, layers=layers):
-                run.log({"event": "switch", "method": method, "step": step, **event})
+            if layers is None or layers:
+                before = switch_diagnostics(tracker)
+                for event in recompose(model, tracker, cfg.gamma, optimizer=opt, reset=cfg.reset, moments=cfg.moments,
+                                       score=cfg.score, grace=cfg.grace, layers=layers):
+                    run.log({"event": "switch", "method": method, "step": step, **event, **before[event["layer"]]})
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             lr = sched.get_last_lr()[0]
             run.log({"event": "train", "method": method, "step": step, "loss": sum(window) / len(window), "lr": lr})
@@ -673,6 +675,16 @@ def train_method(cfg, method, model, run, *, n_train, make_batch, loss_fn, evalu
     if world > 1:
         _check_ranks_agree(model, method, run)
     return best, elapsed + time.time() - t0
+
+
+@torch.no_grad()
+def switch_diagnostics(tracker):
+    """{layer: what its slots looked like just before a switch}: the pair scores S_k of Eq. (7)
+    that pick the recycled slots, and each pair's magnitude scaling * |B_k| |A_k| (its singular
+    value when it was brought in).  Logged with the switch, so the dynamics can be read back."""
+    return {name: {"scores": tracker.pair_scores(layer).tolist(),
+                   "norms": (layer.scaling * layer.lora_B.norm(dim=0) * layer.lora_A.norm(dim=1)).tolist()}
+            for name, layer in zip(tracker.names, tracker.layers)}
 
 
 def _check_ranks_agree(model, method, run):
