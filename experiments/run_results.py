@@ -708,9 +708,11 @@ def write_report():
              "they do not reproduce its tables. The paper's CIFAR-100 claim (Table 4: SRLoRA 92.51 vs LoRA 90.06) "
              "is untested: no CIFAR-100 is available offline (`train_vit.py --dataset=cifar100 --data_dir=...` "
              "runs it from files on disk).", "",
-             "The MiniLM and DINOv2 runs here took the top singular directions with the randomized SVD, which "
-             "`svd=\"auto\"` used at these widths when they ran; `auto` is now the exact SVD up to 1,024 wide, so "
-             "re-running a suite starts PiSSA and SRLoRA from slightly different (exact) directions.", "",
+             "`svd=\"auto\"` is now the exact SVD up to 1,024 wide. The text suite (200 steps) and the "
+             "`dynamics/grace1` run were made with it. The other MiniLM and DINOv2 runs (text-long, vision, "
+             "ablations, small-r, small-r-relative and the other dynamics runs) took the top singular directions "
+             "with the randomized SVD (1.5k sketch, 4 power iterations) that `auto` used at these widths when they "
+             "ran, so re-running them starts PiSSA and SRLoRA from slightly different (exact) directions.", "",
              "A claimed difference is **confirmed** when it holds by more than the seed spread "
              "(sqrt(sd_a² + sd_b²)), **not confirmed** when the opposite holds by more than that, and "
              "**inconclusive** when the difference is within it.", ""]
