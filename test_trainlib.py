@@ -292,7 +292,8 @@ def test_two_gloo_processes_agree_and_match_one_process(tmp_path, schedule):
                 "--no-python", sys.executable, "-c", code]
     done = subprocess.run(torchrun + [f"--out_dir={tmp_path / 'two'}", *args], env=env, capture_output=True,
                           text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    cause = [l for l in done.stderr.splitlines() if "rror" in l or "terminate" in l or "Abort" in l][:10]
+    assert done.returncode == 0, "\n".join(cause) + "\n" + done.stderr[-2000:]
     one, two = (folder(tmp_path / d, "srlora") for d in ("one", "two"))
     records = [json.loads(l) for l in (two / "log.jsonl").read_text().splitlines()]
     assert [r["identical"] for r in records if r["event"] == "ranks"] == [True]

@@ -747,6 +747,7 @@ def run_methods(cfg, *, task, build, n_train, make_batch, loss_fn, evaluate, hea
             plot_run(run.path)
         print(f"outputs in {run.path}/")
     if world > 1:
+        dist.barrier()           # rank 0 may still be writing plots: no rank tears gloo down under the other
         dist.destroy_process_group()
     return results
 
