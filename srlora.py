@@ -313,6 +313,10 @@ class SRLoRALinear(nn.Linear):
         """W + scaling * B A: the weight forward() applies, and the one merge_srlora() writes."""
         return self.weight + self.scaling * (self.lora_B @ self.lora_A)
 
+    def pair_norms(self) -> torch.Tensor:
+        """|B_k| |A_k| for the r pairs, shape (r,): sigma_k / scaling when pair k was filled."""
+        return self.lora_B.norm(dim=0) * self.lora_A.norm(dim=1)
+
     @torch.no_grad()
     def recycle(self, slots: torch.Tensor) -> dict:
         """Fuse the pairs in `slots` into W and refill them from the next unused directions.
@@ -543,7 +547,7 @@ class ImportanceTracker:
         s_B = self.ibar[L + i] * self.ubar[L + i]                            # Eq. (6), (m, r)
         scores = s_B.mean(dim=0) + s_A.mean(dim=1)                           # Eq. (7)
         if relative:
-            size = layer.lora_B.norm(dim=0) * layer.lora_A.norm(dim=1)       # |B_k| |A_k| = sigma_k / scaling at refill
+            size = layer.pair_norms()                                        # |B_k| |A_k|
             scores = scores / size.square().clamp_min(torch.finfo(size.dtype).tiny)
         return scores.full_tensor() if _sharded(scores) else scores         # the same on every rank
 
@@ -596,18 +600,22 @@ def _reset_moments(optimizer, layer, slots, moments):
         _local(value)[:, slots] = 0                                  # columns of B
 
 
+def check_grace(grace: int, k: int, r: int) -> None:
+    if grace < 0 or (grace + 1) * k > r:
+        raise ValueError(f"grace={grace} with r'={k} of r={r} leaves fewer than r' slots to recycle; "
+                         f"use grace in 0 .. {r // k - 1} or a smaller gamma")
+
+
 def eligible(layer: SRLoRALinear, k: int, grace: int = 0) -> torch.Tensor:
     """(r,) bool: the slots a switch may recycle.  With grace g, a slot refilled at one of the
     layer's last g switches is not.  No extra state: direction p >= r came in at the layer's
     switch (p - r) // r', so a slot's age is read off active_indices, which checkpoints hold."""
-    if (grace + 1) * k > layer.r:
-        raise ValueError(f"grace={grace} with r'={k} of r={layer.r} leaves fewer than r' slots to recycle; "
-                         f"use grace <= {layer.r // k - 1} or a smaller gamma")
+    check_grace(grace, k, layer.r)
     p = layer.active_indices
     return (p < layer.r) | (layer.next_index - p > grace * k)
 
 
-def _check_options(gamma, reset, moments, score):
+def check_options(gamma, reset, moments, score):
     check_gamma(gamma)
     if reset not in ("recycled", "all") or moments not in ("keep", "reset"):
         raise ValueError(f"reset={reset!r} / moments={moments!r}: use reset in ('recycled', 'all') "
@@ -645,7 +653,7 @@ def recompose(model: nn.Module, tracker: ImportanceTracker, gamma: float = 0.5, 
              No rank ever holds a whole W.
     Returns one record per layer that switched: layer name, slots, indices fused out and brought in.
     """
-    _check_options(gamma, reset, moments, score)
+    check_options(gamma, reset, moments, score)
     events = []
     for name, layer in srlora_layers(model):
         if layers is not None and name not in layers:
@@ -688,7 +696,7 @@ class AdaptiveSchedule:
                  grace: int = 0):
         if not 0.0 < ratio <= 1.0 or every < 1:
             raise ValueError(f"ratio={ratio} / every={every}: use ratio in (0, 1] (e.g. 0.5) and every >= 1")
-        _check_options(gamma, "recycled", "keep", score)
+        check_options(gamma, "recycled", "keep", score)
         fixed = switch_steps(total_steps, r, r_target, gamma, stop)
         self.min_interval = min_interval or max(1, (fixed[0] if fixed else total_steps) // 2)
         self.horizon = round(stop * total_steps)

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from srlora import (FIRST_MOMENTS, SECOND_MOMENTS, ImportanceTracker, check_gamma, recompose,
+from srlora import (FIRST_MOMENTS, SECOND_MOMENTS, ImportanceTracker, check_options, recompose,
                     srlora_layers, switch_steps)
 
 TRACKER_FILE = "srlora_tracker.pt"   # written next to the model in every Trainer checkpoint folder
@@ -46,10 +46,7 @@ class SRLoRACallbackLogic:
 
     def __init__(self, gamma: float = 0.5, beta1: float = 0.85, beta2: float = 0.85,
                  reset: str = "recycled", moments: str = "keep"):
-        check_gamma(gamma)
-        if reset not in ("recycled", "all") or moments not in ("keep", "reset"):
-            raise ValueError(f"reset={reset!r} / moments={moments!r}: use reset in ('recycled', 'all') "
-                             f"and moments in ('keep', 'reset')")
+        check_options(gamma, reset, moments, score="paper")
         self.gamma, self.beta1, self.beta2, self.reset, self.moments = gamma, beta1, beta2, reset, moments
         self.tracker, self.switches, self.events, self._warned = None, set(), [], False
 

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from srlora import (AdaptiveSchedule, ImportanceTracker, apply_srlora, n_recycle, recompose, srlora_layers,
-                    switch_steps)
+from srlora import (AdaptiveSchedule, ImportanceTracker, apply_srlora, check_grace, n_recycle, recompose,
+                    srlora_layers, switch_steps)
 
 
 class UserError(Exception):
@@ -272,9 +272,10 @@ def check_config(cfg):
     if not 0.0 < cfg.switch_stop <= 1.0 or not 0.0 < cfg.adapt_ratio <= 1.0 or cfg.adapt_every < 1:
         raise UserError(f"--switch_stop={cfg.switch_stop}, --adapt_ratio={cfg.adapt_ratio} and "
                         f"--adapt_every={cfg.adapt_every}: use values in (0, 1], (0, 1] and >= 1")
-    if cfg.grace < 0 or (cfg.grace + 1) * n_recycle(cfg.r, cfg.gamma) > cfg.r:
-        raise UserError(f"--grace={cfg.grace}: use 0 .. {cfg.r // n_recycle(cfg.r, cfg.gamma) - 1}; a larger grace "
-                        f"leaves fewer than r' = round(gamma * r) slots to recycle")
+    try:
+        check_grace(cfg.grace, n_recycle(cfg.r, cfg.gamma), cfg.r)
+    except ValueError as e:
+        raise UserError(f"--{e}") from None
     if cfg.max_steps < 1 or cfg.grad_accum < 1 or cfg.eval_every < 1 or cfg.log_every < 1:
         raise UserError("--max_steps, --grad_accum, --eval_every and --log_every must be at least 1")
     if not cfg.targets:
@@ -683,7 +684,7 @@ def switch_diagnostics(tracker):
     that pick the recycled slots, and each pair's magnitude scaling * |B_k| |A_k| (its singular
     value when it was brought in).  Logged with the switch, so the dynamics can be read back."""
     return {name: {"scores": tracker.pair_scores(layer).tolist(),
-                   "norms": (layer.scaling * layer.lora_B.norm(dim=0) * layer.lora_A.norm(dim=1)).tolist()}
+                   "norms": (layer.scaling * layer.pair_norms()).tolist()}
             for name, layer in zip(tracker.names, tracker.layers)}
 
 
