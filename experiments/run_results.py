@@ -65,6 +65,21 @@ SUITES = {
 # switch_diagnostics), for the default and for the settings that could change which slots rotate.
 DYNAMICS = {"default": [], "score_relative": ["--score=relative"], "grace1": ["--grace=1"]}
 SUITES["dynamics"] = {"script": "train_glue.py", "flags": ["--seed=0", "--method=srlora"], "runs": DYNAMICS}
+# The switch alternatives of srlora.py, each alone at the demo's settings (r=8, r_target=32, 200 steps), 3 seeds;
+# the paper's default with the same seeds is the text suite's SRLoRA.
+ALTERNATIVES = {"relative": ["--score=relative"], "stop0.8": ["--switch_stop=0.8"],
+                "adaptive": ["--switch_schedule=adaptive"], "grace1": ["--grace=1"]}
+SUITES["alternatives"] = {"script": "train_glue.py", "flags": ["--method=srlora"],
+                          "runs": {f"{a}-seed{s}": [f"--seed={s}", *f] for a, f in ALTERNATIVES.items() for s in SEEDS}}
+# 1,000 steps (two passes over the 11,668 training tweets) at r=4 and r_target=32=8r: PiSSA, the paper's SRLoRA and
+# its relative score on 3 seeds; LoRA at rank r and at rank r_target (alpha = rank, scaling 1) as references.
+# One process per run, so two runs can share the machine.
+LONG_R4 = ["--r=4", "--alpha=4", "--r_target=32", "--max_steps=1000", "--epochs=2", "--warmup=100", "--eval_every=250"]
+SUITES["long-r4"] = {"script": "train_glue.py", "flags": LONG_R4, "runs": {
+    **{f"{m}-seed{s}": [f"--seed={s}", f"--method={m}"] for s in SEEDS for m in ("pissa", "srlora")},
+    **{f"relative-seed{s}": [f"--seed={s}", "--method=srlora", "--score=relative"] for s in SEEDS},
+    **{f"lora-seed{s}": [f"--seed={s}", "--method=lora"] for s in SEEDS},
+    **{f"lora32-seed{s}": [f"--seed={s}", "--method=lora", "--r=32", "--alpha=32"] for s in SEEDS}}}
 DEFAULT = "default"   # the text suite's seed-0 SRLoRA run, standing in for gamma0.5, rtarget32, keep, recycled
 ABLATION_GROUPS = {"gamma": ("gamma0.25", DEFAULT, "gamma0.75"),
                    "r_target (2r, 4r, 16r)": ("rtarget16", DEFAULT, "rtarget128"),
