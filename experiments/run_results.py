@@ -80,6 +80,12 @@ SUITES["long-r4"] = {"script": "train_glue.py", "flags": LONG_R4, "runs": {
     **{f"relative-seed{s}": [f"--seed={s}", "--method=srlora", "--score=relative"] for s in SEEDS},
     **{f"lora-seed{s}": [f"--seed={s}", "--method=lora"] for s in SEEDS},
     **{f"lora32-seed{s}": [f"--seed={s}", "--method=lora", "--r=32", "--alpha=32"] for s in SEEDS}}}
+# The other ranks at the demo's 200 steps: r=1 (r_target=8, so every switch swaps the one slot) with PiSSA, and
+# r=8 with r_target=64 = 8r (PiSSA at r=8 does not depend on r_target: it is the text suite's).
+SUITES["rank-sweep"] = {"script": "train_glue.py", "flags": [], "runs": {
+    **{f"r1-{m}-seed{s}": [f"--seed={s}", f"--method={m}", "--r=1", "--alpha=1", "--r_target=8"]
+       for s in SEEDS for m in ("pissa", "srlora")},
+    **{f"r8rt64-srlora-seed{s}": [f"--seed={s}", "--method=srlora", "--r_target=64"] for s in SEEDS}}}
 DEFAULT = "default"   # the text suite's seed-0 SRLoRA run, standing in for gamma0.5, rtarget32, keep, recycled
 ABLATION_GROUPS = {"gamma": ("gamma0.25", DEFAULT, "gamma0.75"),
                    "r_target (2r, 4r, 16r)": ("rtarget16", DEFAULT, "rtarget128"),
@@ -241,14 +247,16 @@ def plot_ablations(runs, metric, path):
 
 # --- RESULTS.md -------------------------------------------------------------------------------
 
-NAMES = {"lora": "LoRA", "pissa": "PiSSA", "srlora": "SRLoRA", "srlora-relative": "SRLoRA, --score=relative"}
+NAMES = {"lora": "LoRA", "pissa": "PiSSA", "srlora": "SRLoRA", "srlora-relative": "SRLoRA, --score=relative",
+         "lora-rt": "LoRA at rank r_target"}
 ROWS = tuple(NAMES)
 SHORT_TITLES = {"text": "MiniLM-L6, tweets", "text-long": "MiniLM-L6, tweets, 600 steps", "vision": "DINOv2-S/14, MNIST",
-                "small-r": "MiniLM-L6, tweets, r=2"}
+                "small-r": "MiniLM-L6, tweets, r=2", "long-r4": "MiniLM-L6, tweets, r=4, 1,000 steps"}
 SUITE_TITLES = {"text": "Text: all-MiniLM-L6-v2 on positive vs negative tweets",
                 "text-long": "Text, 600 steps: PiSSA against SRLoRA",
                 "vision": "Vision: DINOv2 ViT-S/14 on MNIST",
-                "small-r": "Text, small rank: r=2, r_target=16"}
+                "small-r": "Text, small rank: r=2, r_target=16",
+                "long-r4": "Text, 1,000 steps at small rank: r=4, r_target=32 (8r)"}
 
 
 def comparable(s, o):
@@ -309,7 +317,8 @@ def suite_section(suite, runs, command):
             readings.append(f"- Lower MNIST {metric} than LoRA (Table 4: 94.83 vs 98.89; here {fmt(*mean_sd(s['dev'][metric]))} "
                             f"vs {fmt(*mean_sd(o['dev'][metric]))}): "
                             f"**{verdict(mean_sd(s['dev'][metric]), mean_sd(o['dev'][metric]), claim_higher=False)}**.")
-    first = runs[f"seed{SEEDS[0]}"] if f"seed{SEEDS[0]}" in runs else next(iter(runs.values()))
+    switching = [r for r in runs.values() if any(e["event"] == "switch" and e["method"] == "srlora" for e in r["records"])]
+    first = runs.get(f"seed{SEEDS[0]}") or (switching or list(runs.values()))[0]
     fig = plot_intervals(first, suite)
     if fig:
         layer, note = fig
@@ -325,7 +334,27 @@ def suite_section(suite, runs, command):
             a, b = mean_sd(t["dev"][metric]), mean_sd(p["dev"][metric])
             readings.append(f"- {name}: higher dev {metric} than PiSSA ({fmt(*a)} vs {fmt(*b)}): "
                             f"**{verdict(a, b, claim_higher=True)}**.")
+    upper = table.get("lora-rt")
+    if upper and s:
+        a, b = mean_sd(s["dev"][metric]), mean_sd(upper["dev"][metric])
+        readings.append(f"- SRLoRA against LoRA at rank r_target (the upper reference: every direction SRLoRA visits, "
+                        f"trained all the time, with r_target / r times the adapter parameters; {fmt(*a)} vs {fmt(*b)}): "
+                        f"higher: **{verdict(a, b, claim_higher=True)}**.")
     return out + ["Readings:", ""] + readings + [""]
+
+
+def renamed(suite, methods):
+    """load(suite), with the method of every run whose name starts with a key of `methods` (e.g.
+    "relative" for "relative-seed1") renamed to its value, so that one suite can hold several
+    variants of the same --method."""
+    runs = load(suite)
+    for name, run in runs.items():
+        method = methods.get(name.rsplit("-seed", 1)[0])
+        if method:
+            rename = lambda r, m=method: {**r, "method": m} if "method" in r else r  # noqa: E731
+            run["metrics"] = [rename(m) for m in run["metrics"]]
+            run["records"] = [rename(r) for r in run["records"]]
+    return runs
 
 
 def with_alternative(runs, suite, method):
@@ -381,12 +410,192 @@ def same_decisions():
     return notes
 
 
+# --- the alternatives of the switch, against the paper's SRLoRA and PiSSA ------------------------
+
+ALTERNATIVE_LABELS = {"relative": "score / magnitude² (`--score=relative`)",
+                      "stop0.8": "all switches in the first 80% (`--switch_stop=0.8`)",
+                      "adaptive": "adaptive schedule (`--switch_schedule=adaptive`)",
+                      "grace1": "grace of one switch (`--grace=1`)"}
+
+
+def alternative_rows():
+    """[(label, dev metric per seed, dev loss per seed, (rotation hits, pairs) or None)]: PiSSA and the
+    paper's SRLoRA from the text suite, then each alternative with all its seeds run."""
+    text, alts = load("text"), load("alternatives")
+    if not text or not alts:
+        return []
+    metric = next(iter(next(iter(text.values()))["metrics"][0]["dev"]))
+
+    def row(label, runs, method):
+        ms = [next(m for m in r["metrics"] if m["method"] == method) for r in runs]
+        rot = [dynamics.rotation(r["records"]) for r in runs] if method == "srlora" else []
+        return (label, [m["dev"][metric] for m in ms], [m["dev_loss"] for m in ms],
+                (sum(h for h, _ in rot), sum(p for _, p in rot)) if rot else None)
+
+    rows = [row("PiSSA", list(text.values()), "pissa"), row("SRLoRA, the paper's schedule and score",
+                                                            list(text.values()), "srlora")]
+    for alt, label in ALTERNATIVE_LABELS.items():
+        runs = [alts[f"{alt}-seed{s}"] for s in SEEDS if f"{alt}-seed{s}" in alts]
+        if runs:
+            rows.append(row(label, runs, "srlora"))
+    return metric, rows
+
+
+def plot_alternatives(rows, metric, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for i, (label, dev, _, _) in enumerate(rows):
+        m, sd = mean_sd(dev)
+        ax.bar(i, 100 * m, yerr=100 * sd, capsize=4, color="tab:gray" if i == 0 else "tab:blue" if i == 1 else
+               "tab:orange")
+        ax.scatter([i] * len(dev), [100 * v for v in dev], color="black", s=10, zorder=3)
+    ax.set_xticks(range(len(rows)), [label.split(" (")[0] for label, *_ in rows], rotation=20, ha="right", fontsize=7)
+    lo = min(100 * v for _, dev, _, _ in rows for v in dev)
+    ax.set_ylim(lo - 3, None)
+    ax.set(ylabel=f"dev {metric} x100", title="Switch alternatives: mean ± sd over seeds, dots are seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def alternatives_section():
+    got = alternative_rows()
+    if not got:
+        return []
+    metric, rows = got
+    pissa, paper = (mean_sd(rows[0][1]), mean_sd(rows[1][1]))
+    out = ["## Alternatives of the switch, each alone (text task, r=8, r_target=32, 200 steps)", "",
+           f"Command: `{COMMANDS['alternatives']}` (PiSSA and the paper's SRLoRA rows are the text suite's runs, "
+           "with the same seeds, settings and data order).", "",
+           f"| variant | seeds | dev {metric} x100 | dev loss | rotation | higher than PiSSA | higher than the paper's "
+           "SRLoRA |", "|---|---|---|---|---|---|---|"]
+    for i, (label, dev, loss, rot) in enumerate(rows):
+        a = mean_sd(dev)
+        vs_p = "" if i == 0 else verdict(a, pissa, claim_higher=True).split(" (")[0]
+        vs_s = "" if i <= 1 else verdict(a, paper, claim_higher=True).split(" (")[0]
+        rotation = f"{rot[0]} / {rot[1]} ({rot[0] / rot[1]:.0%})" if rot and rot[1] else "–"
+        out.append(f"| {label} | {len(dev)} | {fmt(*a)} | {fmt(*mean_sd(loss), 1, 4)} | {rotation} | {vs_p} | {vs_s} |")
+    plot_alternatives(rows, metric, RESULTS / "alternatives.png")
+    better = [label for label, dev, *_ in rows[2:] if verdict(mean_sd(dev), pissa, True) == "confirmed"]
+    out += ["", "![alternatives](results/alternatives.png)", "",
+            "Rotation: switches (summed over seeds) that recycled exactly the slots refilled one switch earlier. "
+            + (f"Beyond the seed spread above PiSSA: {', '.join(better)}." if better else
+               "No alternative is above PiSSA by more than the seed spread."), ""]
+    return out
+
+
+# --- SRLoRA against PiSSA, setting by setting ------------------------------------------------------
+
+# Suites whose runs took the top singular directions with the randomized SVD that svd="auto" used at
+# MiniLM's width before it became the exact SVD up to 1,024 wide.
+RANDOMIZED_BASIS = {"text-long", "vision", "ablations", "small-r", "small-r-relative"}
+
+
+def dev_by_method(runs, metric):
+    """{method: [dev metric of each run that trained it]}."""
+    out = {}
+    for run in runs.values():
+        for m in run["metrics"]:
+            out.setdefault(m["method"], []).append(m["dev"][metric])
+    return out
+
+
+def regime_rows():
+    """[(r, r_target, steps, suites, PiSSA values, SRLoRA values, relative-score values)] for every text
+    setting where both PiSSA and SRLoRA ran on at least two seeds."""
+    text = load("text")
+    sweep = load("rank-sweep")
+    pick = lambda prefix: {n: r for n, r in sweep.items() if n.startswith(prefix)}  # noqa: E731
+    settings = [("rank-sweep", pick("r1-"), pick("r1-")),
+                ("small-r", with_alternative(load("small-r"), "small-r-relative", "srlora-relative"), None),
+                ("long-r4", renamed("long-r4", {"relative": "srlora-relative", "lora32": "lora-rt"}), None),
+                ("text", {**text, **{f"alternatives/{n}": r for n, r in renamed("alternatives", {
+                    "relative": "srlora-relative"}).items() if n.startswith("relative-")}}, None),
+                ("text-long", load("text-long"), None),
+                ("rank-sweep", {**{n: r for n, r in text.items()}, **pick("r8rt64-")}, pick("r8rt64-"))]
+    rows = []
+    for suite, runs, srlora_runs in settings:
+        if not runs:
+            continue
+        metric = next(iter(next(iter(runs.values()))["metrics"][0]["dev"]))
+        dev = dev_by_method(runs, metric)
+        if srlora_runs is not None:
+            dev["srlora"] = dev_by_method(srlora_runs, metric).get("srlora", [])
+        if len(dev.get("pissa", [])) < 2 or len(dev.get("srlora", [])) < 2:
+            continue
+        c = next(r["config"] for r in (srlora_runs or runs).values()
+                 if any(m["method"] == "srlora" for m in r["metrics"]))
+        rows.append({"r": c["r"], "r_target": c["r_target"], "steps": c["max_steps"], "suite": suite,
+                     "randomized": suite in RANDOMIZED_BASIS, "pissa": dev["pissa"], "srlora": dev["srlora"],
+                     "relative": dev.get("srlora-relative", [])})
+    return sorted(rows, key=lambda w: (w["r"], w["r_target"], w["steps"]))
+
+
+def plot_regimes(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for i, w in enumerate(rows):
+        (ms, ss), (mp, sp) = mean_sd(w["srlora"]), mean_sd(w["pissa"])
+        ax.errorbar(i, 100 * (ms - mp), yerr=100 * (ss ** 2 + sp ** 2) ** 0.5, fmt="o", capsize=4, color="tab:blue",
+                    label="SRLoRA − PiSSA, ± seed spread" if i == 0 else None)
+        if len(w["relative"]) > 1:
+            mr, sr = mean_sd(w["relative"])
+            ax.errorbar(i + 0.15, 100 * (mr - mp), yerr=100 * (sr ** 2 + sp ** 2) ** 0.5, fmt="s", capsize=4,
+                        color="tab:orange", label="SRLoRA --score=relative − PiSSA" if not any(
+                            len(v["relative"]) > 1 for v in rows[:i]) else None)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(rows)), [f"r={w['r']}, r_t={w['r_target']}\n{w['steps']} steps" for w in rows], fontsize=7)
+    ax.set(ylabel="dev accuracy difference x100", title="Text task: SRLoRA against PiSSA in every setting run")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def regime_section():
+    rows = regime_rows()
+    if not rows:
+        return []
+    out = ["## SRLoRA against PiSSA, setting by setting (text task)", "",
+           "Every text setting where both ran on at least two seeds, with the same seeds, data order and "
+           "initialisation (SRLoRA equals PiSSA until its first switch). *Spread*: sqrt(sd_SRLoRA² + sd_PiSSA²), "
+           "the bar a difference must clear to count.", "",
+           "| r | r_target | steps | suite | PiSSA | SRLoRA | SRLoRA − PiSSA | spread | SRLoRA higher | "
+           "relative score − PiSSA |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for w in rows:
+        (ms, ss), (mp, sp) = mean_sd(w["srlora"]), mean_sd(w["pissa"])
+        rel = ""
+        if len(w["relative"]) > 1:
+            mr, sr = mean_sd(w["relative"])
+            rel = (f"{100 * (mr - mp):+.1f} ({len(w['relative'])} seeds; "
+                   f"{verdict((mr, sr), (mp, sp), True).split(' (')[0]})")
+        seeds = f"{len(w['pissa'])} / {len(w['srlora'])}"
+        out.append(f"| {w['r']} | {w['r_target']} | {w['steps']} | {w['suite']}{' †' if w['randomized'] else ''} | "
+                   f"{fmt(*mean_sd(w['pissa']))} | {fmt(ms, ss)} | {100 * (ms - mp):+.1f} | "
+                   f"{100 * (ss ** 2 + sp ** 2) ** 0.5:.1f} | {verdict((ms, ss), (mp, sp), True).split(' (')[0]} "
+                   f"({seeds} seeds) | {rel} |")
+    plot_regimes(rows, RESULTS / "regimes.png")
+    wins = [w for w in rows if verdict(mean_sd(w["srlora"]), mean_sd(w["pissa"]), True) == "confirmed"]
+    losses = [w for w in rows if verdict(mean_sd(w["srlora"]), mean_sd(w["pissa"]), True) == "not confirmed"]
+    out += ["", "† the top singular directions came from the randomized SVD that `auto` used at this width then "
+            "(see the top of this page).", "", "![SRLoRA minus PiSSA](results/regimes.png)", "",
+            f"SRLoRA is above PiSSA by more than the seed spread in {len(wins)} of {len(rows)} settings"
+            + (" (" + ", ".join(f"r={w['r']}, r_target={w['r_target']}, {w['steps']} steps" for w in wins) + ")"
+               if wins else "") + f", and below it by more than the spread in {len(losses)}.", ""]
+    return out
+
+
 # --- the dynamics: what the switches did, in every SRLoRA run ---------------------------------
 
 SWITCH_OPTIONS = ("reset", "moments", "score", "grace", "switch_stop", "switch_schedule")
 SWITCH_DEFAULTS = {"reset": "recycled", "moments": "keep", "score": "paper", "grace": 0, "switch_stop": 1.0,
                    "switch_schedule": "fixed"}
-ROTATION_SUITES = ("text", "text-long", "vision", "small-r", "ablations", "dynamics", "alternatives")
+ROTATION_SUITES = ("text", "text-long", "vision", "small-r", "small-r-relative", "ablations", "dynamics",
+                   "alternatives", "long-r4")
 
 
 def setting(config):
@@ -738,14 +947,17 @@ def write_report():
         else:
             lines += [f"## {SUITE_TITLES[suite]}", "", f"Not run yet: `{COMMANDS[suite]}`.", ""]
     lines += ablation_section(COMMANDS["ablations"])
+    lines += regime_section()
+    lines += alternatives_section()
     lines += dynamics_section()
     lines += synthetic_section()
     runs = with_alternative(load("small-r"), "small-r-relative", "srlora-relative")
     if runs:
         lines += suite_section("small-r", runs, COMMANDS["small-r"])
-        lines += ["Only r=2 was run, at the demo's 200 steps (the relative score with "
-                  f"`{COMMANDS['small-r-relative']}`); r in {{1, 4, 8}}, 1,000-step budgets and LoRA at rank "
-                  "r_target are not measured here.", ""]
+        lines += [f"The relative score's runs: `{COMMANDS['small-r-relative']}`.", ""]
+    runs = renamed("long-r4", {"relative": "srlora-relative", "lora32": "lora-rt"})
+    if runs:
+        lines += suite_section("long-r4", runs, COMMANDS["long-r4"])
     (DOCS / "RESULTS.md").write_text("\n".join(lines))
     print(f"wrote {DOCS / 'RESULTS.md'}")
 
