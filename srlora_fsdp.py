@@ -41,7 +41,9 @@ def spread_factors(model: torch.nn.Module, names, cfg, group=None) -> dict:
 
     The weights go, largest first, to the rank with the least work so far (work ~ m n k), so that
     one LLaMA block's 7 projections split about evenly over 2 ranks.  Bit for bit the factors of
-    pissa_factors in one process, which also decomposes each weight in a call of its own.  Every
+    pissa_factors in one process, which also decomposes each weight in a call of its own (with the
+    same number of torch threads: a BLAS result may depend on it).  The factors are views into one
+    buffer per rank, held until SRLoRALinear has taken its copies.  Every
     rank must hold the same weights (the same checkpoint, or the same seed), as it would for
     apply_srlora.  Without a process group, or with one rank: pissa_factors."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
