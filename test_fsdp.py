@@ -248,8 +248,23 @@ def test_a_tracker_created_before_fully_shard_fails_with_a_one_line_error(one_ra
     ImportanceTracker(model).update()                                  # one made after fully_shard works
 
 
-def test_merge_srlora_on_a_sharded_model_fails_and_names_the_unsharded_copy(one_rank_group):
+def test_merge_srlora_on_a_sharded_model_fails_and_the_unsharded_copy_it_names_merges(one_rank_group):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from srlora_fsdp import shard_basis
     model, _ = sharded_net()
+    shard_basis(model)
     with pytest.raises(ValueError, match=r"^merge_srlora: blocks.0.up.weight is sharded with fully_shard; "
                                          r"merge an unsharded copy: .*full_state_dict=True"):
         merge_srlora(model)
+    tracker, x = ImportanceTracker(model), torch.randn(4, 11)                    # a step and a switch first
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    F.cross_entropy(model(x), torch.tensor([0, 1, 2, 0])).backward()
+    tracker.update()
+    optimizer.step()
+    assert recompose(model, tracker, GAMMA, optimizer=optimizer)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    torch.manual_seed(0)
+    copy = apply_srlora(Net(), targets=("up", "down"), r=3, r_target=9)     # the model as before fully_shard
+    copy.load_state_dict(full)
+    with torch.no_grad():
+        torch.testing.assert_close(merge_srlora(copy)(x), model(x), rtol=1e-5, atol=1e-6)
