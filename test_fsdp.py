@@ -268,3 +268,18 @@ def test_merge_srlora_on_a_sharded_model_fails_and_the_unsharded_copy_it_names_m
     copy.load_state_dict(full)
     with torch.no_grad():
         torch.testing.assert_close(merge_srlora(copy)(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_fsdp_units_are_the_outermost_list_children_that_hold_srlora_layers():
+    from parallel import transformer_blocks
+
+    class Nested(nn.Module):                      # a block holding a list of its own, and an unadapted list
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.ModuleDict(dict(inner=nn.ModuleList([Block(5)]))) for _ in range(3)])
+            self.plain = nn.ModuleList([nn.Linear(5, 5)])
+
+    model = apply_srlora(Nested(), targets=("up",), r=2, r_target=4)
+    assert transformer_blocks(model) == list(model.blocks)
+    net = apply_srlora(Net(n_blocks=3), targets=("down",), r=2, r_target=4)
+    assert transformer_blocks(net) == list(net.blocks)
