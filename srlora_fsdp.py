@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from srlora import _out_in_weight, pissa_factors, srlora_layers, top_singular
+from srlora import _out_in_weight, pissa_factors, srlora_layers
 
 
 @torch.no_grad()
@@ -40,9 +40,9 @@ def spread_factors(model: torch.nn.Module, names, cfg, group=None) -> dict:
     SVD is computed once, on one rank, and broadcast; every rank returns the same {name: (U, S, Vh)}.
 
     The weights go, largest first, to the rank with the least work so far (work ~ m n k), so that
-    one LLaMA block's 7 projections split about evenly over 2 ranks.  Bit for bit the factors of
-    pissa_factors in one process, which also decomposes each weight in a call of its own (with the
-    same number of torch threads: a BLAS result may depend on it).  The factors are views into one
+    one LLaMA block's 7 projections split about evenly over 2 ranks.  Each rank runs pissa_factors
+    on its share, so the factors are bit for bit one process's (with the same number of torch
+    threads: a BLAS result may depend on it).  The factors are views into one
     buffer per rank, held until SRLoRALinear has taken its copies.  Every
     rank must hold the same weights (the same checkpoint, or the same seed), as it would for
     apply_srlora.  Without a process group, or with one rank: pissa_factors."""
@@ -56,7 +56,7 @@ def spread_factors(model: torch.nn.Module, names, cfg, group=None) -> dict:
     for name, k, m, n in sorted(jobs, key=lambda job: -job[1] * job[2] * job[3]):   # stable: ties keep order
         owner[name] = min(range(world), key=load.__getitem__)        # the least loaded; the lowest rank on a tie
         load[owner[name]] += m * n * k
-    factors = {name: top_singular(weights[name], k, cfg.svd) for name, k, *_ in jobs if owner[name] == rank}
+    factors = pissa_factors(model, [name for name, *_ in jobs if owner[name] == rank], cfg)   # this rank's share
     for src in range(world):                                         # one broadcast per rank: all it computed
         held = [(name, k, m, n) for name, k, m, n in jobs if owner[name] == src]
         if not held:

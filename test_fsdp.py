@@ -191,9 +191,10 @@ def spread_init(rank, world):
     """For each svd: (this rank's spread-init wrapped model equals, bit for bit, the one-process
     apply_srlora's; how many weights this rank decomposed).  Three blocks: 3 up and 3 down weights."""
     import copy
+    import srlora
     import srlora_fsdp
-    counted, top_singular = [], srlora_fsdp.top_singular
-    srlora_fsdp.top_singular = lambda *a, **kw: counted.append(1) or top_singular(*a, **kw)
+    counted, top_singular = [], srlora.top_singular
+    srlora.top_singular = lambda *a, **kw: counted.append(1) or top_singular(*a, **kw)
     out = {}
     try:
         for svd in ("full", "lowrank"):
@@ -206,7 +207,7 @@ def spread_init(rank, world):
             same = one.keys() == spread.keys() and all(torch.equal(one[k], spread[k]) for k in one)
             out[svd] = (same, sum(counted))
     finally:
-        srlora_fsdp.top_singular = top_singular
+        srlora.top_singular = top_singular
     return out
 
 

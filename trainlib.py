@@ -542,7 +542,7 @@ def prepare(cfg, method, build, head, device):
     model = build(method).to(device)
     r_target = cfg.r_target if method == "srlora" else cfg.r
     decompose = None
-    if cfg.fsdp:                                    # each weight's SVD once, on one rank
+    if dist.is_initialized():                       # DDP or FSDP2: each weight's SVD once, on one rank
         from srlora_fsdp import spread_factors
         decompose = spread_factors
     try:
