@@ -419,10 +419,11 @@ def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, decompose=None, 
     "output.dense" matches both "...attention.output.dense" and "...layer.0.output.dense".  Modules
     that match but cannot be wrapped (a Conv2d named "proj", a whole block) are left alone with a
     warning that names them.  A weight tied to another module's (GPT-2's lm_head, tied to the token
-    embedding) is refused: SRLoRA replaces it by a residual, which would untie the two.  Afterwards only lora_A and lora_B require grad; unfreeze a
-    classifier head yourself.  `decompose(model, names, cfg) -> {name: (U, S, Vh)}` computes the
-    SVDs; None is pissa_factors, in this process (srlora_fsdp.spread_factors spreads them over
-    ranks).  Returns model, modified in place.
+    embedding) is refused: SRLoRA replaces it by a residual, which would untie the two.
+    Afterwards only lora_A and lora_B require grad; unfreeze a classifier head yourself.
+    `decompose(model, names, cfg) -> {name: (U, S, Vh)}` computes the SVDs: None is pissa_factors,
+    all in this process; srlora_fsdp.spread_factors spreads them over the ranks.  Returns model,
+    modified in place.
     """
     cfg = dataclasses.replace(config or SRLoRAConfig(), **overrides)
     decompose = decompose or pissa_factors
