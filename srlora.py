@@ -123,8 +123,8 @@ def top_singular(W: torch.Tensor, k: int, method: str = "auto", niter: int = 16,
     The 2k sketch and 16 iterations are what it took on real weights for the directions that
     recompose() brings in, the tail r .. k-1 of the window, to be the exact singular vectors
     (|cos| >= 0.99 wherever neighbouring singular values differ by > 1%); a 1.5k sketch with 4
-    iterations gave |cos| down to 0.025 there.  Leading batch dimensions are allowed, so
-    same-shaped weights share one call.
+    iterations gave |cos| down to 0.025 there.  Leading batch dimensions are allowed (the
+    benchmarks use them); apply_srlora calls it once per weight (see pissa_factors).
     """
     W = W.float()
     m, n = W.shape[-2:]
@@ -205,6 +205,11 @@ def _rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     out[mine] = local[index[mine] - start]
     torch.distributed.all_reduce(out, group=t.device_mesh.get_group())  # one holder per row: the sum is exact
     return out
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """t as a whole tensor on every rank (a DTensor reduction over the ranks, such as one score per slot)."""
+    return t.full_tensor() if _sharded(t) else t
 
 
 def _set_rows(t: torch.Tensor, index, value) -> None:
@@ -315,7 +320,7 @@ class SRLoRALinear(nn.Linear):
 
     def pair_norms(self) -> torch.Tensor:
         """|B_k| |A_k| for the r pairs, shape (r,): sigma_k / scaling when pair k was filled."""
-        return self.lora_B.norm(dim=0) * self.lora_A.norm(dim=1)
+        return _whole(self.lora_B.norm(dim=0) * self.lora_A.norm(dim=1))
 
     @torch.no_grad()
     def recycle(self, slots: torch.Tensor) -> dict:
@@ -406,7 +411,7 @@ def _weight_names(model: nn.Module) -> dict:
     return names
 
 
-def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, **overrides) -> nn.Module:
+def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, decompose=None, **overrides) -> nn.Module:
     """Replace every nn.Linear (or transformers Conv1D) whose name matches `targets` by an
     SRLoRALinear; freeze the rest.
 
@@ -414,11 +419,14 @@ def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, **overrides) -> 
     "output.dense" matches both "...attention.output.dense" and "...layer.0.output.dense".  Modules
     that match but cannot be wrapped (a Conv2d named "proj", a whole block) are left alone with a
     warning that names them.  A weight tied to another module's (GPT-2's lm_head, tied to the token
-    embedding) is refused: SRLoRA replaces it by a residual, which would untie the two.  Same-shaped
-    weights share one batched SVD.  Afterwards only lora_A and lora_B require grad; unfreeze a
-    classifier head yourself.  Returns model, modified in place.
+    embedding) is refused: SRLoRA replaces it by a residual, which would untie the two.
+    Afterwards only lora_A and lora_B require grad; unfreeze a classifier head yourself.
+    `decompose(model, names, cfg) -> {name: (U, S, Vh)}` computes the SVDs: None is pissa_factors,
+    all in this process; srlora_fsdp.spread_factors spreads them over the ranks.  Returns model,
+    modified in place.
     """
     cfg = dataclasses.replace(config or SRLoRAConfig(), **overrides)
+    decompose = decompose or pissa_factors
     check_gamma(cfg.gamma)
     targets = [cfg.targets] if isinstance(cfg.targets, str) else list(cfg.targets)
     matched = [(name, m) for name, m in model.named_modules() if _matches(name, targets)]
@@ -439,20 +447,8 @@ def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, **overrides) -> 
             raise ValueError(f"{name}.weight is tied to {tied[0]}; wrapping it would untie them, so "
                              f"choose targets that do not match {name!r}")
     model.requires_grad_(False)
-    factors = {}
-    if cfg.init == "pissa":                    # one batched SVD per group of same-shaped weights
-        groups = {}
-        for name, m in found:
-            W = _out_in_weight(m)
-            groups.setdefault((tuple(W.shape), W.device), []).append(name)
-        for (shape, _), names in groups.items():
-            k = min(cfg.r_target, *shape)
-            if k < cfg.r:                      # let SRLoRALinear raise its clear error
-                continue
-            Ws = torch.stack([_out_in_weight(model.get_submodule(nm)).detach() for nm in names])
-            U, S, Vh = top_singular(Ws, k, cfg.svd)
-            factors.update({nm: (U[i], S[i], Vh[i]) for i, nm in enumerate(names)})
-            del Ws
+    names = [name for name, _ in found]
+    factors = decompose(model, names, cfg) if cfg.init == "pissa" else {}
     for name, m in found:
         layer = SRLoRALinear(m, r=cfg.r, alpha=cfg.alpha, r_target=cfg.r_target, init=cfg.init,
                              svd=cfg.svd, factors=factors.pop(name, None),
@@ -460,6 +456,24 @@ def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, **overrides) -> 
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     return model
+
+
+def pissa_factors(model: nn.Module, names, cfg: SRLoRAConfig) -> dict:
+    """{name: (U, S, Vh)}: the top min(r_target, m, n) SVD triplets of each weight of `names`
+    (apply_srlora's default `decompose`).  One top_singular call per weight, not one batched call
+    per shape: a batched LAPACK call gives a matrix results that depend on where it sits in the
+    batch (1e-6 apart, measured), so a weight's factors would depend on which others shared its
+    call, and srlora_fsdp.spread_factors, which gives each rank a different subset, could not
+    match one process bit for bit.  On a CPU the batched call is a loop anyway, and no stacked
+    copy of the weights is made.  A weight with min(m, n) < r is left out, so that SRLoRALinear
+    raises its clear error about r."""
+    factors = {}
+    for name in names:
+        W = _out_in_weight(model.get_submodule(name)).detach()
+        k = min(cfg.r_target, *W.shape)
+        if k >= cfg.r:
+            factors[name] = top_singular(W, k, cfg.svd)
+    return factors
 
 
 def _linear_names(model):
@@ -472,8 +486,12 @@ def _linear_names(model):
 @torch.no_grad()
 def merge_srlora(model: nn.Module) -> nn.Module:
     """Replace every SRLoRALinear by the frozen layer type it wrapped, nn.Linear or Conv1D, holding
-    effective_weight() in that type's own layout."""
+    effective_weight() in that type's own layout.  Not on a model sharded with fully_shard (see the error)."""
     for name, layer in srlora_layers(model):
+        if _sharded(layer.weight):
+            raise ValueError(f"merge_srlora: {name}.weight is sharded with fully_shard; merge an unsharded copy: "
+                             f"load get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) "
+                             f"into the model as it was before fully_shard and merge that")
         W = layer.effective_weight().to(layer.base_dtype)
         if layer.base_type is nn.Linear:
             merged = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
@@ -516,9 +534,20 @@ class ImportanceTracker:
         self.ibar = [torch.zeros_like(p) for p in self.params]    # Ibar, Eq. (4)
         self.ubar = [torch.zeros_like(p) for p in self.params]    # Ubar, Eq. (5)
 
+    def _check_current(self):
+        # fully_shard (or anything that re-registers lora_A / lora_B) replaces the Parameters;
+        # EMAs of the old ones would silently never update again.
+        L = len(self.layers)
+        for i, (name, layer) in enumerate(zip(self.names, self.layers)):
+            if self.params[i] is not layer.lora_A or self.params[L + i] is not layer.lora_B:
+                raise RuntimeError(f"ImportanceTracker: {name}.lora_A / lora_B are not the tensors the tracker "
+                                   f"was created with (fully_shard replaces them); create the tracker after "
+                                   f"fully_shard(model)")
+
     @torch.no_grad()
     def update(self):
         """One EMA step of Eq. (3)-(5) for every adapter whose .grad is set."""
+        self._check_current()
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not live:
             return
@@ -545,11 +574,11 @@ class ImportanceTracker:
         i, L = self.index[id(layer)], len(self.layers)
         s_A = self.ibar[i] * self.ubar[i]                                    # Eq. (6), (r, n)
         s_B = self.ibar[L + i] * self.ubar[L + i]                            # Eq. (6), (m, r)
-        scores = s_B.mean(dim=0) + s_A.mean(dim=1)                           # Eq. (7)
+        scores = _whole(s_B.mean(dim=0) + s_A.mean(dim=1))                   # Eq. (7), the same on every rank
         if relative:
             size = layer.pair_norms()                                        # |B_k| |A_k|
             scores = scores / size.square().clamp_min(torch.finfo(size.dtype).tiny)
-        return scores.full_tensor() if _sharded(scores) else scores         # the same on every rank
+        return scores
 
     @torch.no_grad()
     def reset(self, layer: SRLoRALinear, slots: torch.Tensor = None):

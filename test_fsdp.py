@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from srlora import ImportanceTracker, apply_srlora, recompose, srlora_layers, switch_steps
+from srlora import (AdaptiveSchedule, ImportanceTracker, apply_srlora, merge_srlora, recompose, srlora_layers,
+                    switch_steps)
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
 
@@ -30,9 +31,9 @@ class Block(nn.Module):
 
 
 class Net(nn.Module):
-    def __init__(self, d=11):
+    def __init__(self, d=11, n_blocks=2):
         super().__init__()
-        self.blocks = nn.ModuleList([Block(d) for _ in range(2)])
+        self.blocks = nn.ModuleList([Block(d) for _ in range(n_blocks)])
         self.head = nn.Linear(d, 3)
 
     def forward(self, x):
@@ -63,10 +64,11 @@ def build(kind):
     return model, model.model.layers, (4, 12), list(ids), lambda m, b: m(input_ids=b, labels=b).loss
 
 
-def train(kind, rank=0, world=1, basis=False, options=None, save=None, resume=None):
+def train(kind, rank=0, world=1, basis=False, options=None, save=None, resume=None, adaptive=False):
     """The run; with world > 1 under FSDP2 and every rank on its half of each batch.  save=(step, folder)
-    writes a sharded checkpoint after that step; resume=folder starts from one.
-    Returns (events, losses, effective weights, bytes of W, U and Vh held by this rank)."""
+    writes a sharded checkpoint after that step; resume=folder starts from one.  adaptive: each layer
+    switches when AdaptiveSchedule says so, instead of at the fixed steps.
+    Returns (events, losses, effective weights, bytes of W, U, Vh and weight_error held by this rank)."""
     model, blocks, (r, r_target), batches, loss_fn = build(kind)
     options = options or {}
     if world > 1:
@@ -79,10 +81,11 @@ def train(kind, rank=0, world=1, basis=False, options=None, save=None, resume=No
             shard_basis(model)
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t
     held = sum(local(t).numel() * t.element_size() for _, l in srlora_layers(model)
-               for t in (l.weight, l.U, l.Vh))
+               for t in (l.weight, l.U, l.Vh, l.weight_error) if t is not None)
     tracker = ImportanceTracker(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     switches = switch_steps(STEPS, r, r_target, GAMMA)
+    schedule = AdaptiveSchedule(STEPS, r, r_target, GAMMA, ratio=0.7, every=2) if adaptive else None
     events, losses, start = [], [], 0
     if resume:
         from srlora_fsdp import load_checkpoint
@@ -102,8 +105,9 @@ def train(kind, rank=0, world=1, basis=False, options=None, save=None, resume=No
             dist.all_reduce(loss)
             loss /= world
         losses.append(loss.item())
-        if step in switches:
-            events.append(recompose(model, tracker, GAMMA, optimizer=optimizer, **options))
+        due = schedule.due(step, tracker) if schedule else None if step in switches else []
+        if due is None or due:
+            events.append(recompose(model, tracker, GAMMA, optimizer=optimizer, layers=due, **options))
         if save and step == save[0]:
             from srlora_fsdp import save_checkpoint
             save_checkpoint(save[1], model, optimizer, tracker, step)
@@ -117,8 +121,9 @@ def _rank(rank, world, init_file, out, runs):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.save([train(rank=rank, world=world, **run) for run in runs], f"{out}.{rank}")
+    try:                                # a run: train's keyword arguments, and "fn" for another function
+        torch.save([run.get("fn", train)(rank=rank, world=world, **{k: v for k, v in run.items() if k != "fn"})
+                    for run in runs], f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -151,7 +156,7 @@ def test_two_fsdp_ranks_switch_train_and_end_like_one_process(tmp_path, kind, ba
         for name, w in weights.items():
             torch.testing.assert_close(r_weights[name], w, rtol=1e-5, atol=1e-6)
     held = [h for *_, h in ranks]
-    if basis:        # W, U and Vh cut in two (S, r_target - r numbers per layer, stays whole on both)
+    if basis:        # W, U, Vh and weight_error cut in two (S, r_target - r numbers per layer, stays whole on both)
         assert sum(held) == held_one and max(held) <= 0.6 * held_one
 
 
@@ -169,3 +174,113 @@ def test_run_resumed_from_a_sharded_checkpoint_after_a_switch_ends_as_the_uninte
     assert r_events == events[1:] and all(close(a, b) for a, b in zip(r_losses, losses[6:]))
     for name, w in weights.items():
         torch.testing.assert_close(r_weights[name], w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_adaptive_schedule_on_two_fsdp_ranks_switches_the_same_layers_as_one_process(tmp_path):
+    events, losses, weights, _ = train("net", adaptive=True)
+    [ranks] = two_ranks(tmp_path, dict(kind="net", basis=True, adaptive=True))
+    assert len(events) >= 3 and any(len(e) < len(weights) for e in events)   # some checks switched only some layers
+    for r_events, r_losses, r_weights, _ in ranks:
+        assert r_events == events and all(close(a, b) for a, b in zip(r_losses, losses))
+        for name, w in weights.items():
+            torch.testing.assert_close(r_weights[name], w, rtol=1e-5, atol=1e-6)
+
+
+def spread_init(rank, world):
+    """For each svd: (this rank's spread-init wrapped model equals, bit for bit, the one-process
+    apply_srlora's; how many weights this rank decomposed).  Three blocks: 3 up and 3 down weights."""
+    import copy
+    import srlora
+    import srlora_fsdp
+    counted, top_singular = [], srlora.top_singular
+    srlora.top_singular = lambda *a, **kw: counted.append(1) or top_singular(*a, **kw)
+    out = {}
+    try:
+        for svd in ("full", "lowrank"):
+            torch.manual_seed(0)
+            base = Net(n_blocks=3)
+            options = dict(targets=("up", "down"), r=3, r_target=9, svd=svd)
+            one = apply_srlora(copy.deepcopy(base), **options).state_dict()
+            counted.clear()
+            spread = apply_srlora(base, decompose=srlora_fsdp.spread_factors, **options).state_dict()
+            same = one.keys() == spread.keys() and all(torch.equal(one[k], spread[k]) for k in one)
+            out[svd] = (same, sum(counted))
+    finally:
+        srlora.top_singular = top_singular
+    return out
+
+
+@pytest.mark.slow
+def test_spread_svd_init_decomposes_each_weight_once_and_wraps_bit_for_bit_as_one_process(tmp_path):
+    [ranks] = two_ranks(tmp_path, dict(fn=spread_init))
+    for svd in ("full", "lowrank"):
+        assert [rank[svd][0] for rank in ranks] == [True, True]
+        counts = [rank[svd][1] for rank in ranks]
+        assert sum(counts) == 6 and min(counts) >= 1, counts       # each of the 6 weights on one rank
+
+
+# One rank, in this process: fully_shard over a 1-process gloo group, for the errors.
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def sharded_net():
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(0)
+    model = apply_srlora(Net(), targets=("up", "down"), r=3, r_target=9)
+    before = ImportanceTracker(model)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model, before
+
+
+def test_a_tracker_created_before_fully_shard_fails_with_a_one_line_error(one_rank_group):
+    model, before = sharded_net()
+    F.cross_entropy(model(torch.randn(4, 11)), torch.tensor([0, 1, 2, 0])).backward()
+    with pytest.raises(RuntimeError, match=r"^ImportanceTracker: blocks.0.up.lora_A / lora_B are not the tensors "
+                                           r".*create the tracker after fully_shard\(model\)$"):
+        before.update()
+    ImportanceTracker(model).update()                                  # one made after fully_shard works
+
+
+def test_merge_srlora_on_a_sharded_model_fails_and_the_unsharded_copy_it_names_merges(one_rank_group):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from srlora_fsdp import shard_basis
+    model, _ = sharded_net()
+    shard_basis(model)
+    with pytest.raises(ValueError, match=r"^merge_srlora: blocks.0.up.weight is sharded with fully_shard; "
+                                         r"merge an unsharded copy: .*full_state_dict=True"):
+        merge_srlora(model)
+    tracker, x = ImportanceTracker(model), torch.randn(4, 11)                    # a step and a switch first
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    F.cross_entropy(model(x), torch.tensor([0, 1, 2, 0])).backward()
+    tracker.update()
+    optimizer.step()
+    assert recompose(model, tracker, GAMMA, optimizer=optimizer)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    torch.manual_seed(0)
+    copy = apply_srlora(Net(), targets=("up", "down"), r=3, r_target=9)     # the model as before fully_shard
+    copy.load_state_dict(full)
+    with torch.no_grad():
+        torch.testing.assert_close(merge_srlora(copy)(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_fsdp_units_are_the_outermost_list_children_that_hold_srlora_layers():
+    from parallel import transformer_blocks
+
+    class Nested(nn.Module):                      # a block holding a list of its own, and an unadapted list
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.ModuleDict(dict(inner=nn.ModuleList([Block(5)]))) for _ in range(3)])
+            self.plain = nn.ModuleList([nn.Linear(5, 5)])
+
+    model = apply_srlora(Nested(), targets=("up",), r=2, r_target=4)
+    assert transformer_blocks(model) == list(model.blocks)
+    net = apply_srlora(Net(n_blocks=3), targets=("down",), r=2, r_target=4)
+    assert transformer_blocks(net) == list(net.blocks)

@@ -639,3 +639,56 @@ def test_torchrun_with_two_processes_completes_and_only_rank_0_writes(tiny, tmp_
     assert sorted({r["step"] for r in records if r["event"] == "switch"}) == [4, 8, 12, 16, 20, 24]
     assert len(json.loads((folder / "metrics.json").read_text())) == 1
     assert not list(folder.rglob("*.tmp"))
+
+
+def torchrun(n, script, argv, env=ENV):
+    """torchrun --nproc_per_node=n script -- argv; "--" ends torchrun's own flags (see above)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(script),
+           "--", *argv]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+
+
+def switch_events(folder):
+    records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in ("step", "layer", "slots", "fused_out", "brought_in")}
+            for r in records if r["event"] == "switch"]
+
+
+def assert_same_run(folder, reference):
+    """The same switches (slots, directions) and the same final dev metric; the dev loss within 1e-4."""
+    assert switch_events(folder) == switch_events(reference)
+    [a], [b] = (json.loads((f / "metrics.json").read_text()) for f in (folder, reference))
+    assert (a["best_step"], a["dev"]) == (b["best_step"], b["dev"])
+    assert math.isclose(a["dev_loss"], b["dev_loss"], rel_tol=1e-4), (a["dev_loss"], b["dev_loss"])
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_ranks_switches_and_scores_as_one_process_and_resumes_on_one_rank(tiny, tmp_path):
+    # No dropout: each rank draws its masks from the same seeded generator for its half of the batch,
+    # so with dropout two ranks compute something else than one process (DDP alike).  Evaluations and
+    # checkpoints at steps 12 and 24 only: a sharded checkpoint costs every rank a write.
+    flags = dict(dropout=0, eval_every=12, save_every=12)
+    one = script(*args(tiny["data"], tiny["model"], tmp_path, "one", **flags))
+    assert one.returncode == 0, one.stderr[-3000:]
+    argv = args(tiny["data"], tiny["model"], tmp_path, "fsdp", fsdp="true", **flags)
+    done = torchrun(2, ROOT / "train_glue.py", argv)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert_same_run(tmp_path / "fsdp", tmp_path / "one")
+    # Killed on 2 ranks at step 14, after the sharded checkpoint of step 12; resumed on 1 rank.
+    (tmp_path / "kill_at.py").write_text(KILL_AT)
+    argv = args(tiny["data"], tiny["model"], tmp_path, "killed", fsdp="true", **flags)
+    killed = torchrun(2, tmp_path / "kill_at.py", argv, env={**ENV, "KILL_AT_STEP": "14"})
+    folder = tmp_path / "killed"
+    assert killed.returncode != 0 and not (folder / "metrics.json").exists()
+    assert (folder / "ckpt" / "srlora" / "last" / "loop.pt").exists()
+    resumed = torchrun(1, ROOT / "train_glue.py", [*argv, f"--resume={folder}"])
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "at step 12" in resumed.stdout
+    assert_same_run(folder, tmp_path / "one")
+
+
+def test_fsdp_without_torchrun_is_a_one_line_error(tiny, tmp_path):
+    done = script(*args(tiny["data"], tiny["model"], tmp_path, "x", fsdp="true"))
+    assert done.returncode == 2 and done.stderr.startswith("error: --fsdp shards the model over the processes "
+                                                           "torchrun starts; run torchrun --nproc_per_node=2")
+    assert done.stderr.count("\n") == 1 and not list(tmp_path.iterdir())

@@ -1,6 +1,6 @@
 """What train_glue.py and train_vit.py share: errors, weights files, flags, the run folder,
-the training loop for LoRA / PiSSA / SRLoRA, checkpoints, the results table and the plots."""
-import contextlib
+the training loop for LoRA / PiSSA / SRLoRA, checkpoints, the results table and the plots.
+Several processes (DDP, FSDP2) go through parallel.py."""
 import dataclasses
 import hashlib
 import inspect
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
+import parallel
 from srlora import (AdaptiveSchedule, ImportanceTracker, apply_srlora, check_grace, n_recycle, recompose,
                     srlora_layers, switch_steps)
 
@@ -140,6 +140,7 @@ class TrainConfig:
     amp: str = "off"                  # bf16: autocast (the paper's ViT runs used 16-bit mixed precision)
     residual_dtype: str = "model"     # dtype of the frozen W and basis: model (its own, fp32 here) or bfloat16
     plots: bool = True                # PNG plots, when matplotlib is installed
+    fsdp: bool = False                # under torchrun: shard each block and the model with FSDP2 (parallel.py)
 
 
 METHODS = ("lora", "pissa", "srlora")
@@ -312,11 +313,13 @@ def write_json(obj, path):
 
 
 class Run:
-    """runs/<name>/: config.json, log.jsonl, metrics.json, results.md, plots, ckpt/<method>/{last,best}.pt.
-    Only rank 0 writes."""
+    """runs/<name>/: config.json, log.jsonl, metrics.json, results.md, plots, ckpt/<method>/{last,best}.pt
+    (with --fsdp: {last,best}/, sharded checkpoint folders).  Only rank 0 writes, but every rank
+    writes its shards of a sharded checkpoint."""
 
     def __init__(self, cfg, task: str, writer: bool):
         self.writer = writer
+        self.suffix = "" if cfg.fsdp else ".pt"           # a folder of shards, or one file
         self.methods = method_list(cfg)
         self.path = Path(cfg.resume) if cfg.resume else Path(cfg.out_dir) / (
             cfg.name or f"{task}-{'+'.join(self.methods)}-seed{cfg.seed}")
@@ -349,7 +352,7 @@ class Run:
                             f"not {self.config[k]!r}; repeat the original flags")
         if (self.path / "metrics.json").exists():
             self.done = json.loads((self.path / "metrics.json").read_text())
-        if not self.done and not list(self.path.glob("ckpt/*/last.pt")):
+        if not self.done and not list(self.path.glob(f"ckpt/*/last{self.suffix}")):
             raise UserError(f"--resume {self.path}: no checkpoint there yet; start it again with --overwrite")
 
     def start(self):
@@ -361,7 +364,7 @@ class Run:
         write_json(self.config, self.path / "config.json")
 
     def ckpt(self, method, kind="last"):
-        return self.path / "ckpt" / method / f"{kind}.pt"
+        return self.path / "ckpt" / method / f"{kind}{self.suffix}"
 
     def log(self, record):
         if self.writer:
@@ -525,14 +528,6 @@ class Progress:
 
 # --- one method -----------------------------------------------------------------------------
 
-def distributed():
-    """(rank, world size), starting torch.distributed when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
 def pick_device(cfg):
     if cfg.device != "auto":
         return torch.device(cfg.device)
@@ -546,16 +541,21 @@ def prepare(cfg, method, build, head, device):
     or SRLoRA (PiSSA init, switches up to r_target); the head trains fully."""
     model = build(method).to(device)
     r_target = cfg.r_target if method == "srlora" else cfg.r
+    decompose = None
+    if dist.is_initialized():                       # DDP or FSDP2: each weight's SVD once, on one rank
+        from srlora_fsdp import spread_factors
+        decompose = spread_factors
     try:
         apply_srlora(model, targets=[t.strip() for t in cfg.targets.split(",")], r=cfg.r, alpha=cfg.alpha,
                      r_target=r_target, gamma=cfg.gamma, init="lora" if method == "lora" else "pissa",
-                     residual_dtype=None if cfg.residual_dtype == "model" else cfg.residual_dtype)
+                     residual_dtype=None if cfg.residual_dtype == "model" else cfg.residual_dtype,
+                     decompose=decompose)
     except ValueError as e:                         # bad r / targets: the same one line as other input errors
         raise UserError(str(e)) from None
     for name, p in model.named_parameters():
         if name.startswith(tuple(head)):
             p.requires_grad_(True)
-    return model
+    return parallel.shard(model) if cfg.fsdp else model
 
 
 def train_method(cfg, method, model, run, *, n_train, make_batch, loss_fn, evaluate, rank, world, device):
@@ -583,16 +583,19 @@ def train_method(cfg, method, model, run, *, n_train, make_batch, loss_fn, evalu
 
     last = run.ckpt(method)
     if cfg.resume and last.exists():
-        # weights_only=False: our own file, and it holds numpy's RNG state
-        ckpt = torch.load(last, map_location=device, weights_only=False)
-        missing = set(ckpt["model"]) - set(model.state_dict())
-        if missing:
-            raise UserError(f"--resume: {last} does not fit this model ({sorted(missing)[0]}); repeat the original flags")
-        model.load_state_dict(ckpt["model"], strict=False)
-        opt.load_state_dict(ckpt["optimizer"])
+        if cfg.fsdp:                                  # on any number of ranks: the shards are re-cut as they load
+            ckpt = parallel.load_sharded(last, model, opt, tracker)
+        else:
+            # weights_only=False: our own file, and it holds numpy's RNG state
+            ckpt = torch.load(last, map_location=device, weights_only=False)
+            missing = set(ckpt["model"]) - set(model.state_dict())
+            if missing:
+                raise UserError(f"--resume: {last} does not fit this model ({sorted(missing)[0]}); repeat the original flags")
+            model.load_state_dict(ckpt["model"], strict=False)
+            opt.load_state_dict(ckpt["optimizer"])
+            if tracker:
+                tracker.load_state_dict(ckpt["tracker"])
         sched.load_state_dict(ckpt["scheduler"])
-        if tracker:
-            tracker.load_state_dict(ckpt["tracker"])
         if adaptive:
             adaptive.load_state_dict(ckpt["schedule"])
         batches.load_state_dict(ckpt["data"])
@@ -607,15 +610,16 @@ def train_method(cfg, method, model, run, *, n_train, make_batch, loss_fn, evalu
     def checkpoint(kind):
         nonlocal saved_step
         saved_step = step if kind == "last" else saved_step
-        if rank == 0:
-            save_atomic({"method": method, "step": step, "model": adapted_state(model),
-                         "tracker": tracker.state_dict() if tracker else None,
-                         "schedule": adaptive.state_dict() if adaptive else None,
-                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "data": batches.state_dict(), "rng": rng_state(), "best": best,
-                         "elapsed": elapsed + time.time() - t0}, run.ckpt(method, kind))
+        state = {"method": method, "step": step, "schedule": adaptive.state_dict() if adaptive else None,
+                 "scheduler": sched.state_dict(), "data": batches.state_dict(), "rng": rng_state(), "best": best,
+                 "elapsed": elapsed + time.time() - t0}
+        if cfg.fsdp:                                   # every rank writes its shards
+            parallel.save_sharded(run.ckpt(method, kind), model, opt, tracker, step, state)
+        elif rank == 0:
+            save_atomic({**state, "model": adapted_state(model), "tracker": tracker.state_dict() if tracker else None,
+                         "optimizer": opt.state_dict()}, run.ckpt(method, kind))
 
-    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp = parallel.forward_module(model, world, cfg.fsdp)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
     micro = cfg.batch_size // (world * cfg.grad_accum)
     progress = Progress(method, cfg.max_steps, step, enabled=rank == 0)
@@ -627,13 +631,13 @@ def train_method(cfg, method, model, run, *, n_train, make_batch, loss_fn, evalu
         loss_sum = torch.zeros((), device=device)
         for j in range(cfg.grad_accum):
             chunk = local[j * micro:(j + 1) * micro]
-            sync = j == cfg.grad_accum - 1 or world == 1  # DDP all-reduces on the last micro-batch only
-            with amp, (contextlib.nullcontext() if sync else ddp.no_sync()):
+            sync = j == cfg.grad_accum - 1                # gradients are reduced on the last micro-batch only
+            with amp, parallel.gradient_sync(ddp, sync, cfg.fsdp):
                 loss = loss_fn(ddp, to_device(make_batch(chunk), device)) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
         # One host sync per step: the loss for the log and a finite check of every gradient.
-        grad_norm = torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None])).norm()
+        grad_norm = parallel.grad_norm(params, cfg.fsdp)
         if world > 1:                                     # log the global batch's loss, not this rank's share
             dist.all_reduce(loss_sum)
             loss_sum /= world
@@ -661,11 +665,15 @@ def train_method(cfg, method, model, run, *, n_train, make_batch, loss_fn, evalu
             run.log({"event": "train", "method": method, "step": step, "loss": sum(window) / len(window), "lr": lr})
             progress.show(step, sum(window) / len(window), lr)
             window = []
-        if (step % cfg.eval_every == 0 or step == cfg.max_steps) and rank == 0:
-            model.eval()
+        if (step % cfg.eval_every == 0 or step == cfg.max_steps) and (rank == 0 or cfg.fsdp):
+            model.eval()                                  # FSDP2: every rank, since a forward needs them all
             with torch.no_grad(), amp:
                 dev_loss, dev = evaluate(model, device)
             model.train()
+            if cfg.fsdp and world > 1:                    # rank 0's numbers decide, so all save "best" together
+                shared = [(dev_loss, dev)]
+                dist.broadcast_object_list(shared, src=0)
+                dev_loss, dev = shared[0]
             run.log({"event": "eval", "method": method, "step": step, "dev_loss": dev_loss, "dev": dev})
             if dev_loss < best["dev_loss"]:
                 best = {"dev_loss": dev_loss, "step": step, "dev": dev}
@@ -673,7 +681,7 @@ def train_method(cfg, method, model, run, *, n_train, make_batch, loss_fn, evalu
         if step % (cfg.save_every or cfg.eval_every) == 0 or step == cfg.max_steps:
             checkpoint("last")
     progress.done()
-    if world > 1:
+    if world > 1 and not cfg.fsdp:                       # FSDP2: each rank holds other rows, by design
         _check_ranks_agree(model, method, run)
     return best, elapsed + time.time() - t0
 
@@ -708,7 +716,10 @@ def run_methods(cfg, *, task, build, n_train, make_batch, loss_fn, evaluate, hea
     and write the run folder (see Run).  Returns one metrics dict per method."""
     check_config(cfg)
     Batches(n_train, cfg.batch_size, cfg.seed)      # fewer examples than a batch: fail before the folder is touched
-    rank, world = distributed()
+    if cfg.fsdp and not parallel.launched_by_torchrun():
+        raise UserError("--fsdp shards the model over the processes torchrun starts; run "
+                        "torchrun --nproc_per_node=2 <script> -- --fsdp ... (one process or more)")
+    rank, world = parallel.start(cfg.fsdp)
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UserError(f"--batch_size={cfg.batch_size} must be divisible by --grad_accum={cfg.grad_accum} "
                         f"x {world} processes")
@@ -747,9 +758,7 @@ def run_methods(cfg, *, task, build, n_train, make_batch, loss_fn, evaluate, hea
         if cfg.plots:
             plot_run(run.path)
         print(f"outputs in {run.path}/")
-    if world > 1:
-        dist.barrier()           # rank 0 may still be writing plots: no rank tears gloo down under the other
-        dist.destroy_process_group()
+    parallel.stop()
     return results
 
 
