@@ -3,6 +3,10 @@
     python experiments/run_results.py --suite text        # 3 seeds x {LoRA, PiSSA, SRLoRA}, MiniLM on tweets
     python experiments/run_results.py --suite ablations   # gamma, r_target, optimizer-state and reset policies
     python experiments/run_results.py --suite vision      # 3 seeds x {LoRA, PiSSA, SRLoRA}, DINOv2-S/14 on MNIST
+    python experiments/run_results.py --suite alternatives  # the switch options of srlora.py, 3 seeds each
+    python experiments/run_results.py --suite long-r4     # 1,000 steps at r=4, r_target=32
+    python experiments/run_results.py --suite rank-sweep  # r=1; r=8 with r_target=64
+    python experiments/run_results.py --suite long-r4 --run lora-seed0   # one named run of a suite
     python experiments/run_results.py --report            # only rebuild RESULTS.md and plots from docs/results/
 
 Each run is the training script itself, run as a subprocess with the flags below.  Its small
@@ -936,8 +940,8 @@ def write_report():
              "they do not reproduce its tables. The paper's CIFAR-100 claim (Table 4: SRLoRA 92.51 vs LoRA 90.06) "
              "is untested: no CIFAR-100 is available offline (`train_vit.py --dataset=cifar100 --data_dir=...` "
              "runs it from files on disk).", "",
-             "`svd=\"auto\"` is now the exact SVD up to 1,024 wide. The text suite (200 steps) and the "
-             "`dynamics/grace1` run were made with it. The other MiniLM and DINOv2 runs (text-long, vision, "
+             "`svd=\"auto\"` is now the exact SVD up to 1,024 wide. The text suite (200 steps), the alternatives, "
+             "long-r4 and rank-sweep suites and the `dynamics/grace1` run were made with it. The other MiniLM and DINOv2 runs (text-long, vision, "
              "ablations, small-r, small-r-relative and the other dynamics runs) took the top singular directions "
              "with the randomized SVD (1.5k sketch, 4 power iterations) that `auto` used at these widths when they "
              "ran, so re-running them starts PiSSA and SRLoRA from slightly different (exact) directions.", "",
