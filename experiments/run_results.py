@@ -291,7 +291,8 @@ def setup_line(config, runs):
 
 
 def suite_section(suite, runs, command):
-    config = next(iter(runs.values()))["config"]
+    config = next((r["config"] for r in runs.values() if any(m["method"] == "srlora" for m in r["metrics"])),
+                  next(iter(runs.values()))["config"])                      # the settings SRLoRA ran with
     table = method_table(runs)
     metric = next(iter(next(iter(table.values()))["dev"]))
     out = [f"## {SUITE_TITLES[suite]}", "", f"Command: `{command}`", "", setup_line(config, runs), "",
@@ -304,11 +305,13 @@ def suite_section(suite, runs, command):
             seeds = "" if n == n_all else " (1 seed, no spread)" if n == 1 else f" ({n} seeds)"
             out.append(f"| {NAMES[method]}{seeds} | {fmt(*mean_sd(t['dev'][metric]))} | {fmt(*mean_sd(t['dev_loss']), 1, 4)} "
                        f"| {fmt(*mean_sd(t['early']), 1, 4)} |")
-    first_switch = [min((r["step"] for r in run["records"] if r["event"] == "switch"), default=None)
-                    for run in runs.values()]
+    first_switch = [min(r["step"] for r in run["records"] if r["event"] == "switch")
+                    for run in runs.values() if any(r["event"] == "switch" for r in run["records"])] or [None]
     out += ["", "Mean ± sample standard deviation over seeds. SRLoRA and PiSSA share their initialisation and data "
             f"order, so they are identical until SRLoRA's first switch (step {first_switch[0]} of {config['max_steps']})"
-            + ("; LoRA starts from Kaiming A and zero B." if "lora" in table else "."), "",
+            + ("; LoRA starts from Kaiming A and zero B." if "lora" in table or "lora-rt" in table else ".")
+            + (f" LoRA at rank r_target ran with r = alpha = {config['r_target']} (scaling 1), all else the same."
+               if "lora-rt" in table else ""), "",
             f"![training loss, mean and one sd over seeds](results/{suite}_fig3_train_loss.png)", ""]
     plot_losses(runs, DOCS / "results" / f"{suite}_fig3_train_loss.png",
                 f"{SHORT_TITLES[suite]}: training loss, mean ± sd over "
