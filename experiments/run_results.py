@@ -325,7 +325,7 @@ def suite_section(suite, runs, command):
         readings.append(f"- Faster early training-loss reduction than {NAMES[other]} (Fig. 3; mean training loss over "
                         f"the first 25% of steps, {fmt(*mean_sd(s['early']), 1, 4)} vs {fmt(*mean_sd(o['early']), 1, 4)}): "
                         f"**{judged(verdict, s['early'], o['early'], claim_higher=False)}**.")
-        if suite.startswith("text") or suite.startswith("small-r"):
+        if suite != "vision":
             readings.append(f"- Dev {metric} comparable to {NAMES[other]} (Table 3; {fmt(*mean_sd(s['dev'][metric]))} vs "
                             f"{fmt(*mean_sd(o['dev'][metric]))}): **{judged(comparable, s['dev'][metric], o['dev'][metric])}**.")
         elif other == "lora":
