@@ -614,7 +614,7 @@ SWITCH_OPTIONS = ("reset", "moments", "score", "grace", "switch_stop", "switch_s
 SWITCH_DEFAULTS = {"reset": "recycled", "moments": "keep", "score": "paper", "grace": 0, "switch_stop": 1.0,
                    "switch_schedule": "fixed"}
 ROTATION_SUITES = ("text", "text-long", "vision", "small-r", "small-r-relative", "ablations", "dynamics",
-                   "alternatives", "long-r4")
+                   "alternatives", "long-r4", "rank-sweep")
 
 
 def setting(config):
