@@ -522,8 +522,9 @@ def dev_by_method(runs, metric):
 
 
 def regime_rows():
-    """[(r, r_target, steps, suites, PiSSA values, SRLoRA values, relative-score values)] for every text
-    setting where both PiSSA and SRLoRA ran on at least two seeds."""
+    """One dict per text setting where both PiSSA and SRLoRA ran on at least two seeds: r, r_target,
+    steps, suite, whether its basis was randomized, and the dev metric of each seed's PiSSA, SRLoRA
+    and (where run) SRLoRA with the relative score."""
     text = load("text")
     sweep = load("rank-sweep")
     pick = lambda prefix: {n: r for n, r in sweep.items() if n.startswith(prefix)}  # noqa: E731
