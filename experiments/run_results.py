@@ -89,7 +89,10 @@ SUITES["long-r4"] = {"script": "train_glue.py", "flags": LONG_R4, "runs": {
 SUITES["rank-sweep"] = {"script": "train_glue.py", "flags": [], "runs": {
     **{f"r1-{m}-seed{s}": [f"--seed={s}", f"--method={m}", "--r=1", "--alpha=1", "--r_target=8"]
        for s in SEEDS for m in ("pissa", "srlora")},
-    **{f"r8rt64-srlora-seed{s}": [f"--seed={s}", "--method=srlora", "--r_target=64"] for s in SEEDS}}}
+    **{f"r8rt64-srlora-seed{s}": [f"--seed={s}", "--method=srlora", "--r_target=64"] for s in SEEDS},
+    # r=1 with Adam's second moment of the recycled slot zeroed too: is the kept moment why r=1 stalls?
+    **{f"r1-momreset-seed{s}": [f"--seed={s}", "--method=srlora", "--r=1", "--alpha=1", "--r_target=8",
+                                "--moments=reset"] for s in SEEDS}}}
 DEFAULT = "default"   # the text suite's seed-0 SRLoRA run, standing in for gamma0.5, rtarget32, keep, recycled
 ABLATION_GROUPS = {"gamma": ("gamma0.25", DEFAULT, "gamma0.75"),
                    "r_target (2r, 4r, 16r)": ("rtarget16", DEFAULT, "rtarget128"),
@@ -526,7 +529,7 @@ def regime_rows():
     steps, suite, whether its basis was randomized, and the dev metric of each seed's PiSSA, SRLoRA
     and (where run) SRLoRA with the relative score."""
     text = load("text")
-    sweep = load("rank-sweep")
+    sweep = renamed("rank-sweep", {"r1-momreset": "srlora-momreset"})
     pick = lambda prefix: {n: r for n, r in sweep.items() if n.startswith(prefix)}  # noqa: E731
     settings = [("rank-sweep", pick("r1-"), pick("r1-")),
                 ("small-r", with_alternative(load("small-r"), "small-r-relative", "srlora-relative"), None),
@@ -549,7 +552,7 @@ def regime_rows():
                  if any(m["method"] == "srlora" for m in r["metrics"]))
         rows.append({"r": c["r"], "r_target": c["r_target"], "steps": c["max_steps"], "suite": suite,
                      "randomized": suite in RANDOMIZED_BASIS, "pissa": dev["pissa"], "srlora": dev["srlora"],
-                     "relative": dev.get("srlora-relative", [])})
+                     "relative": dev.get("srlora-relative", []), "momreset": dev.get("srlora-momreset", [])})
     return sorted(rows, key=lambda w: (w["r"], w["r_target"], w["steps"]))
 
 
@@ -605,7 +608,24 @@ def regime_section():
             "(see the top of this page).", "", "![SRLoRA minus PiSSA](results/regimes.png)", "",
             f"SRLoRA is above PiSSA by more than the seed spread in {len(wins)} of {len(rows)} settings"
             + (" (" + ", ".join(f"r={w['r']}, r_target={w['r_target']}, {w['steps']} steps" for w in wins) + ")"
-               if wins else "") + f", and below it by more than the spread in {len(losses)}.", ""]
+               if wins else "") + f", and below it by more than the spread in {len(losses)}"
+            + (" (" + ", ".join(f"r={w['r']}: {100 * (mean_sd(w['srlora'])[0] - mean_sd(w['pissa'])[0]):+.1f}"
+                                for w in losses) + ")" if losses else "") + ".", ""]
+    one = next((w for w in rows if w["r"] == 1), None)
+    if one:
+        k = n_recycle(1, load("rank-sweep")[next(iter(load("rank-sweep")))]["config"]["gamma"])
+        out += [f"At r = 1 a switch recycles {k} of 1 slot: the adapter's only pair is fused into W and refilled "
+                "from the next, smaller singular direction at every switch, so no direction trains for more than "
+                "one interval and nothing is kept."]
+        if len(one["momreset"]) > 1:
+            m = mean_sd(one["momreset"])
+            out[-1] += (f" With Adam's second moment of the recycled slot zeroed as well (`--moments=reset`; the "
+                        f"default keeps it, so a refilled pair smaller than the one before takes smaller steps), "
+                        f"SRLoRA reached {fmt(*m)} ({len(one['momreset'])} seeds) against {fmt(*mean_sd(one['srlora']))} "
+                        f"with the default and PiSSA's {fmt(*mean_sd(one['pissa']))}: higher than the default: "
+                        f"**{judged(verdict, one['momreset'], one['srlora'], claim_higher=True)}**; against PiSSA: "
+                        f"**{judged(comparable, one['momreset'], one['pissa']).replace('SRLoRA', 'it')}**.")
+        out += [""]
     return out
 
 
