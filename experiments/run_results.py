@@ -635,7 +635,7 @@ SWITCH_OPTIONS = ("reset", "moments", "score", "grace", "switch_stop", "switch_s
 SWITCH_DEFAULTS = {"reset": "recycled", "moments": "keep", "score": "paper", "grace": 0, "switch_stop": 1.0,
                    "switch_schedule": "fixed"}
 ROTATION_SUITES = ("text", "text-long", "vision", "small-r", "small-r-relative", "ablations", "dynamics",
-                   "alternatives", "long-r4", "rank-sweep")
+                   "alternatives", "long-r4", "rank-sweep", "bf16")
 
 
 def setting(config):
