@@ -361,26 +361,28 @@ def suite_section(suite, runs, command):
     return out + ["Readings:", ""] + readings + [""]
 
 
+def relabel(run, old, new):
+    """run with the metrics and records of method `old` relabelled `new`."""
+    rename = lambda r: {**r, "method": new} if r.get("method") == old else r  # noqa: E731
+    return {**run, "metrics": [rename(m) for m in run["metrics"]], "records": [rename(r) for r in run["records"]]}
+
+
 def renamed(suite, methods):
     """load(suite), with the method of every run whose name starts with a key of `methods` (e.g.
     "relative" for "relative-seed1") renamed to its value, so that one suite can hold several
-    variants of the same --method."""
+    variants of the same --method.  These suites run one method per run."""
     runs = load(suite)
     for name, run in runs.items():
         method = methods.get(name.rsplit("-seed", 1)[0])
         if method:
-            rename = lambda r, m=method: {**r, "method": m} if "method" in r else r  # noqa: E731
-            run["metrics"] = [rename(m) for m in run["metrics"]]
-            run["records"] = [rename(r) for r in run["records"]]
+            runs[name] = relabel(run, run["metrics"][0]["method"], method)
     return runs
 
 
 def with_alternative(runs, suite, method):
     """runs, plus the SRLoRA runs of `suite` with their method renamed to `method`."""
-    rename = lambda r: {**r, "method": method} if r.get("method") == "srlora" else r  # noqa: E731
     for name, alt in load(suite).items():
-        runs[f"{suite}/{name}"] = {"config": alt["config"], "metrics": [rename(m) for m in alt["metrics"]],
-                                   "records": [rename(r) for r in alt["records"]]}
+        runs[f"{suite}/{name}"] = relabel(alt, "srlora", method)
     return runs
 
 
@@ -517,11 +519,7 @@ RANDOMIZED_BASIS = {"text-long", "vision", "ablations", "small-r", "small-r-rela
 
 def dev_by_method(runs, metric):
     """{method: [dev metric of each run that trained it]}."""
-    out = {}
-    for run in runs.values():
-        for m in run["metrics"]:
-            out.setdefault(m["method"], []).append(m["dev"][metric])
-    return out
+    return {method: t["dev"][metric] for method, t in method_table(runs).items()}
 
 
 def regime_rows():
@@ -550,8 +548,8 @@ def regime_rows():
             continue
         c = next(r["config"] for r in (srlora_runs or runs).values()
                  if any(m["method"] == "srlora" for m in r["metrics"]))
-        rows.append({"r": c["r"], "r_target": c["r_target"], "steps": c["max_steps"], "suite": suite,
-                     "randomized": suite in RANDOMIZED_BASIS, "pissa": dev["pissa"], "srlora": dev["srlora"],
+        rows.append({"r": c["r"], "r_target": c["r_target"], "gamma": c["gamma"], "steps": c["max_steps"],
+                     "suite": suite, "randomized": suite in RANDOMIZED_BASIS, "pissa": dev["pissa"], "srlora": dev["srlora"],
                      "relative": dev.get("srlora-relative", []), "momreset": dev.get("srlora-momreset", [])})
     return sorted(rows, key=lambda w: (w["r"], w["r_target"], w["steps"]))
 
@@ -613,8 +611,7 @@ def regime_section():
                                 for w in losses) + ")" if losses else "") + ".", ""]
     one = next((w for w in rows if w["r"] == 1), None)
     if one:
-        k = n_recycle(1, load("rank-sweep")[next(iter(load("rank-sweep")))]["config"]["gamma"])
-        out += [f"At r = 1 a switch recycles {k} of 1 slot: the adapter's only pair is fused into W and refilled "
+        out += [f"At r = 1 a switch recycles {n_recycle(1, one['gamma'])} of 1 slot: the adapter's only pair is fused into W and refilled "
                 "from the next, smaller singular direction at every switch, so no direction trains for more than "
                 "one interval and nothing is kept."]
         if len(one["momreset"]) > 1:
