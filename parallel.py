@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from srlora import srlora_layers
+from srlora import _local, srlora_layers
 
 
 def launched_by_torchrun() -> bool:
@@ -63,11 +63,6 @@ def shard(model: nn.Module) -> nn.Module:
     return shard_basis(model)
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a sharded tensor; a whole tensor as it is."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def forward_module(model: nn.Module, world: int, fsdp: bool) -> nn.Module:
     """The module the batches go through: DDP's wrapper on several ranks, else the model itself
     (one process, or FSDP2, whose fully_shard made the model its own wrapper)."""
@@ -86,7 +81,7 @@ def gradient_sync(module: nn.Module, sync: bool, fsdp: bool):
 
 def grad_norm(params, fsdp: bool) -> torch.Tensor:
     """The norm of all gradients together; under FSDP2 each rank holds a part, summed over the ranks."""
-    squares = torch.stack(torch._foreach_norm([local(p.grad) for p in params if p.grad is not None])).square().sum()
+    squares = torch.stack(torch._foreach_norm([_local(p.grad) for p in params if p.grad is not None])).square().sum()
     if fsdp and dist.is_initialized():
         dist.all_reduce(squares)
     return squares.sqrt()

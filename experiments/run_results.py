@@ -549,8 +549,8 @@ def regime_rows():
         c = next(r["config"] for r in (srlora_runs or runs).values()
                  if any(m["method"] == "srlora" for m in r["metrics"]))
         rows.append({"r": c["r"], "r_target": c["r_target"], "gamma": c["gamma"], "steps": c["max_steps"],
-                     "suite": suite, "randomized": suite in RANDOMIZED_BASIS, "pissa": dev["pissa"], "srlora": dev["srlora"],
-                     "relative": dev.get("srlora-relative", []), "momreset": dev.get("srlora-momreset", [])})
+                     "suite": suite, "randomized": suite in RANDOMIZED_BASIS, "pissa": dev["pissa"],
+                     "srlora": dev["srlora"], "relative": dev.get("srlora-relative", []), "momreset": dev.get("srlora-momreset", [])})
     return sorted(rows, key=lambda w: (w["r"], w["r_target"], w["steps"]))
 
 
