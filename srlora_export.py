@@ -5,7 +5,6 @@ export_merged(model, path)               the state dict of merge_srlora(model): 
 export_lora_adapter(model, path, base)   dW = W_final - W0 of every adapted layer as a standard LoRA
                                          adapter, which PEFT's PeftModel.from_pretrained(base, path) loads.
 
-PAPER_TARGETS holds the module names of the paper's six maps per block for the model families tested.
 Depends on torch and srlora.py; writes safetensors when the safetensors package is importable.
 """
 import json
@@ -15,28 +14,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from srlora import merge_srlora, srlora_layers, top_singular
+from srlora import srlora_layers, top_singular
 
 try:
     import safetensors.torch
 except ImportError:                      # optional: torch.save is the fallback
     safetensors = None
-
-# The paper adapts Q, K, V, the attention output and both FFN maps of every block (Section 4.1).
-# Pass one of these as apply_srlora(model, targets=...).  Names as in transformers 5.23 and timm 1.0.
-PAPER_TARGETS = {
-    "deberta-v2": ("query_proj", "key_proj", "value_proj",           # DebertaV2* (DeBERTa-v3 too)
-                   "attention.output.dense", "intermediate.dense", "output.dense"),
-    "bert": ("query", "key", "value",                                 # Bert*, also the SRLoRAConfig default
-             "attention.output.dense", "intermediate.dense", "output.dense"),
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj",                 # Llama*, Mistral*, Qwen2*: the FFN is
-              "gate_proj", "up_proj", "down_proj"),                   # gated, three maps where BERT has two
-    "vit": ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),    # transformers ViT*; in 4.x it had the BERT names
-    "timm-vit": ("qkv", "attn.proj", "fc1", "fc2"),                   # timm VisionTransformer: Q, K, V are one map;
-                                                                      # "attn.proj", since patch_embed.proj is a Conv2d
-    "gpt2": ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"),          # GPT2* (transformers Conv1D): Q, K, V are one map;
-}                                                                     # lm_head is tied to wte and is not a target
-
 
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict:
@@ -48,10 +31,7 @@ def merged_state_dict(model: nn.Module) -> dict:
         if owner not in adapted:
             state[key] = value
         elif leaf == "weight":                       # an SRLoRALinear's first key: put its merged keys here
-            holder = nn.Module()
-            holder.layer = adapted[owner]            # merge_srlora replaces holder.layer; the model keeps its own
-            merged = merge_srlora(holder).layer
-            state.update({f"{owner}.{k}": v for k, v in merged.state_dict().items()})
+            state.update({f"{owner}.{k}": v for k, v in adapted[owner].merged().state_dict().items()})
     return state
 
 

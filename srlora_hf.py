@@ -1,11 +1,11 @@
 """SRLoRA inside Hugging Face's Trainer: one callback, SRLoRACallback.
 
-    model = apply_srlora(model, targets=PAPER_TARGETS["llama"], r=8, r_target=64)
-    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[SRLoRACallback(gamma=0.5)])
+    model = apply_srlora(model, targets=PAPER_TARGETS["llama"], r=8, r_target=64, gamma=0.5)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[SRLoRACallback()])
     trainer.train()                                # importance every optimizer step, switches from max_steps
     trainer.train(resume_from_checkpoint=True)     # continues exactly: same switches, same weights
 
-The callback does what the training loop of srlora.py's docstring does by hand: it builds the
+The callback does what a hand-written SRLoRA training loop does: it builds the
 ImportanceTracker, calls tracker.update() once per optimizer step, runs recompose() after the
 optimizer step of every switch step of Eq. (13)-(14), and keeps the tracker's EMAs in every Trainer
 checkpoint.  The model itself (W, A, B, the basis and next_index) saves through save_pretrained.
@@ -15,8 +15,7 @@ import os
 
 import torch
 
-from srlora import (FIRST_MOMENTS, SECOND_MOMENTS, ImportanceTracker, check_options, recompose,
-                    srlora_layers, switch_steps)
+from srlora import FIRST_MOMENTS, SECOND_MOMENTS, ImportanceTracker, recompose, srlora_layers, switch_steps
 
 TRACKER_FILE = "srlora_tracker.pt"   # written next to the model in every Trainer checkpoint folder
 
@@ -26,7 +25,7 @@ TRACKER_FILE = "srlora_tracker.pt"   # written next to the model in every Traine
 class SRLoRACallbackLogic:
     """SRLoRA for transformers' Trainer: importance, switches and checkpointed tracker state.
 
-    gamma, beta1, beta2, reset and moments mean what they mean in srlora.SRLoRAConfig and recompose().
+    gamma, beta1, beta2, reset and moments come from the SRLoRAConfig the model was wrapped with.
 
     - Importance: tracker.update() runs in on_pre_optimizer_step, i.e. once per optimizer step,
       after the last micro-batch of a gradient-accumulation window, before optimizer.step().
@@ -44,18 +43,18 @@ class SRLoRACallbackLogic:
     `events` holds one record per layer switch: step, layer, slots, indices fused out and brought in.
     """
 
-    def __init__(self, gamma: float = 0.5, beta1: float = 0.85, beta2: float = 0.85,
-                 reset: str = "recycled", moments: str = "keep"):
-        check_options(gamma, reset, moments, score="paper")
-        self.gamma, self.beta1, self.beta2, self.reset, self.moments = gamma, beta1, beta2, reset, moments
+    def __init__(self, **retired):
+        if retired:
+            raise TypeError(f"SRLoRACallback() takes no arguments, got {sorted(retired)}: gamma, beta1, beta2, "
+                            f"reset and moments come from the SRLoRAConfig given to apply_srlora")
         self.tracker, self.switches, self.events, self._warned = None, set(), [], False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         layers = [layer for _, layer in srlora_layers(model)]
-        self.tracker = ImportanceTracker(model, self.beta1, self.beta2)
+        self.tracker = ImportanceTracker(model)
         # The largest r_target any layer kept: apply_srlora clamps it to min(m, n) per layer.
         r_target = max(layer.r_target for layer in layers)
-        self.switches = set(switch_steps(state.max_steps, layers[0].r, r_target, self.gamma))
+        self.switches = set(switch_steps(state.max_steps, layers[0].r, r_target, layers[0].config.gamma))
         if state.global_step > 0:                                  # resumed from a checkpoint
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", TRACKER_FILE)
             if not os.path.isfile(path):
@@ -77,8 +76,7 @@ class SRLoRACallbackLogic:
         if state.global_step not in self.switches:
             return
         self._warn_unknown_moments(optimizer)
-        events = recompose(model, self.tracker, self.gamma, optimizer=optimizer,
-                           reset=self.reset, moments=self.moments)                      # Eq. (8)-(12)
+        events = recompose(model, self.tracker, optimizer)                           # Eq. (8)-(12)
         self.events += [{"step": state.global_step, **e} for e in events]
         if state.is_world_process_zero:
             brought = sorted({i for e in events for i in e["brought_in"]})
