@@ -314,6 +314,14 @@ def causes_section():
     return out + [""]
 
 
+# The cut-offs of the readings below; each reading states the one it used.
+SIZE_SLOPE = 2.5        # slope of log score on log magnitude above which more than size is at work (size alone: 2)
+CAUSE_SLOPE = 1         # slope above which magnitude counts as a cause (with a lower rotation when ranked per magnitude²)
+WHOLE_CAUSE = 0.10      # rotation ranked per magnitude² at or below which magnitude is the whole cause
+SELECTION_RATIO = 2     # how many times the default's per-magnitude² ratio --grace=1 must reach for selection to drive it
+NO_CHANGE = 0.05        # change in rotated switches, as a share of them, that counts as none
+
+
 def cause_readings(stats, runs):
     """One reading per candidate cause, each from a measurement in the table above or the logs."""
     d = stats["default"]
@@ -321,13 +329,16 @@ def cause_readings(stats, runs):
     closed = math.log(d["mag2"] / d["raw"]) / math.log(1 / d["raw"]) if d["raw"] < 1 else float("nan")
     out = [f"- **(a) The magnitude a slot starts from.** Within a layer's switch, log score grows with log magnitude "
            f"at slope {d['slope']:.2f}. Eq. (3) multiplies each weight by its gradient, and both scale with the pair's "
-           "size, so a pure size effect gives 2" + ("; the rest says the larger pairs are also the more useful ones "
-                                                    "per unit of size" if d["slope"] > 2.5 else "") + ". A refilled slot starts from a later, smaller singular value (median magnitude "
+           "size, so a pure size effect gives 2" + (f"; a slope above {SIZE_SLOPE} says the larger pairs are also the "
+                                                    "more useful ones per unit of size" if d["slope"] > SIZE_SLOPE else
+                                                    f"; a slope of at most {SIZE_SLOPE} is read as size alone") + ". A refilled slot starts from a later, smaller singular value (median magnitude "
            f"{d['mag']:.2f} of the kept slots') and scores a median {d['raw']:.3f} of them. Divided by magnitude², "
            f"the ratio is {d['mag2']:.2f}: size accounts for {closed:.0%} of the (log) score gap. Ranked by score / "
            f"magnitude² on the same states, {d['cf']:.0%} of switches would still recycle the slots just refilled "
-           f"(instead of {d['rot']:.0%}). **" + ("Confirmed as a cause" if d["slope"] > 1 and d["cf"] < d["rot"] else
-                                         "Refuted") + (", not the whole of it" if d["cf"] > 0.1 else "") + ".**"]
+           f"(instead of {d['rot']:.0%}). **" + ("Confirmed as a cause" if d["slope"] > CAUSE_SLOPE and d["cf"] < d["rot"]
+                                         else "Refuted") + (", not the whole of it" if d["cf"] > WHOLE_CAUSE else "") +
+           f".** (A cause when the slope is above {CAUSE_SLOPE} and ranking by score / magnitude² rotates less; the "
+           f"whole of it only if that ranking rotates in at most {WHOLE_CAUSE:.0%} of switches.)"]
     rel = stats.get("score_relative")
     if rel:
         out.append(f"  Re-run with `--score=relative` (the ranking divided by magnitude², from the first switch on): "
@@ -344,9 +355,11 @@ def cause_readings(stats, runs):
                       "earlier" if forced else "") +
                    f". There a slot refilled one switch earlier scores a median {g['raw']:.2f} of the others "
                    f"({g['mag2']:.2f} per magnitude²), against {d['raw']:.3f} ({d['mag2']:.2f}) in the default run. "
-                   "One interval less of training explains " + ("little" if g["mag2"] > 2 * d["mag2"] else "much") +
+                   "One interval less of training explains " + ("little" if g["mag2"] > SELECTION_RATIO * d["mag2"] else "much") +
                    " of the gap; " + ("**confirmed**: most of it is the advantage of the selected survivors"
-                                      if g["mag2"] > 2 * d["mag2"] else "**refuted** as the main driver") +
+                                      if g["mag2"] > SELECTION_RATIO * d["mag2"] else "**refuted** as the main driver") +
+                   f" (confirmed when the ratio per magnitude² with `--grace=1` is more than {SELECTION_RATIO} times "
+                   f"the default's: {g['mag2']:.2f} against {SELECTION_RATIO} × {d['mag2']:.2f})" +
                    ". (This run started from the exact SVD, today's `svd=\"auto\"` at this width; the others here "
                    "from the randomized one.)")
     else:
@@ -374,10 +387,12 @@ def cause_readings(stats, runs):
             short = {"interval": switch_interval(short["records"]), "rot": hits / pairs}
             k = 1 - max(c["beta1"], c["beta2"]) ** short["interval"]
             line += (f"At r_target 128 (ablations) the interval is {short['interval']} steps, where the EMAs reach "
-                     f"{k:.0%} of a steady signal, and the rotation rises to {hits} / {pairs} ({short['rot']:.0%}). ")
+                     f"{k:.0%} of a steady signal, and the rotation {'rises to' if short['rot'] > d['rot'] else 'is'} "
+                     f"{hits} / {pairs} ({short['rot']:.0%}). ")
     line += (f"**Refuted at the default interval** (the EMAs have saturated)" +
-             ("; **consistent with a cause when the interval is short**, where the reset and the shorter training "
-              "of a new slot cannot be told apart." if short and short["rot"] > d["rot"] else "."))
+             ("; **consistent with a cause when the interval is short** (it rotates more than the default's "
+              f"{d['rot']:.0%} there), where the reset and the shorter training of a new slot cannot be told apart."
+              if short and short["rot"] > d["rot"] else "."))
     out.append(line)
     moments = load("ablations").get("moments_reset")
     if moments and text0:
@@ -385,8 +400,8 @@ def cause_readings(stats, runs):
         h0, p0 = dynamics.rotation(text0["records"])
         out.append(f"- **(d) The optimizer-moment policy.** Zeroing AdamW's second moment of recycled slots too "
                    f"(`--moments=reset`, ablations) rotates in {hm} / {pm} switches against {h0} / {p0} with the default "
-                   f"`keep`. **{'Refuted' if abs(hm - h0) <= 0.05 * p0 else 'Confirmed'}** as a driver "
-                   "(a change of at most 5% of the switches counts as none).")
+                   f"`keep`. **{'Refuted' if abs(hm - h0) <= NO_CHANGE * p0 else 'Confirmed'}** as a driver "
+                   f"(a change of at most {NO_CHANGE:.0%} of the switches counts as none).")
     return out
 
 
@@ -469,7 +484,7 @@ def synthetic_section():
     loss = lambda kind, R, m: mean_sd(best[(kind, R, m)]["test_loss"])  # noqa: E731
     if "random" in kinds and all(verdict(loss("random", R, "pissa"), loss("random", R, "lora"), False) == "not confirmed"
                                  for R in ranks):
-        out.append("- On a random change PiSSA(r) ends worse than LoRA(r) at every R. Its r slots start out holding "
+        out.append("- On a random change PiSSA(r) ends worse than LoRA(r) by more than the seed spread at every R. Its r slots start out holding "
                    "W0's top-r part, which B A must go on carrying, so a change outside that span has to share the "
                    "same r ranks with it; LoRA's r ranks are free. SRLoRA fuses slots into W at its switches and refills "
                    "them from smaller singular directions, so the changes it made accumulate in W and less of the "
