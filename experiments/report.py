@@ -331,7 +331,8 @@ def cause_readings(stats, runs):
            f"at slope {d['slope']:.2f}. Eq. (3) multiplies each weight by its gradient, and both scale with the pair's "
            "size, so a pure size effect gives 2" + (f"; a slope above {SIZE_SLOPE} says the larger pairs are also the "
                                                     "more useful ones per unit of size" if d["slope"] > SIZE_SLOPE else
-                                                    f"; a slope of at most {SIZE_SLOPE} is read as size alone") + ". A refilled slot starts from a later, smaller singular value (median magnitude "
+                                                    f"; a slope of at most {SIZE_SLOPE} is read as size alone") +
+           ". A refilled slot starts from a later, smaller singular value (median magnitude "
            f"{d['mag']:.2f} of the kept slots') and scores a median {d['raw']:.3f} of them. Divided by magnitude², "
            f"the ratio is {d['mag2']:.2f}: size accounts for {closed:.0%} of the (log) score gap. Ranked by score / "
            f"magnitude² on the same states, {d['cf']:.0%} of switches would still recycle the slots just refilled "
