@@ -6,8 +6,9 @@
 
 Each measurement deep-copies the model (untimed), then times apply_srlora (or peft.get_peft_model
 with init_lora_weights="pissa" / "pissa_niter_4", r=8) on it: the SVDs, the residual W0 - B A and
-the module swap.  svd="auto" is what a user gets (randomized when r_target is well below the
-layer's smaller side, full otherwise); "full" and "lowrank" force one algorithm.  Every
+the module swap.  svd="auto" is what a user gets (top_singular: the exact SVD when the layer's
+smaller side is at most AUTO_FULL_MAX = 1024 or the sketch of about 2 r_target columns is more than
+half of it, the randomized one otherwise); "full" and "lowrank" force one algorithm.  Every
 configuration is measured once per round and the rounds are interleaved; the table holds medians.
 The LLaMA-7B-shaped block (four 4096x4096 attention maps, 11008x4096 gate/up, 4096x11008 down)
 shows the cost per layer at 7B width; on CPU it is wrapped with the randomized SVD only,

@@ -4,7 +4,8 @@
     python bench/svd_accuracy.py --quick                                 # smoke run, small sizes only
 
 Accuracy, on the real all-MiniLM-L6-v2 weights (the 36 maps SRLoRA adapts), batched over
-same-shaped layers as apply_srlora does: for each r_target, every direction r .. r_target-1 that
+same-shaped layers (apply_srlora itself decomposes one weight at a time, see pissa_factors; a
+batched call moves a result by about 1e-6): for each r_target, every direction r .. r_target-1 that
 recompose() would bring in is compared with torch.linalg.svd in fp64 by |cos| of its left and of
 its right singular vector (the smaller of the two counts).  A direction counts only where both
 neighbouring singular values differ from it by more than 1%: closer than that, the direction

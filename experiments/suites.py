@@ -1,0 +1,143 @@
+"""The results suites: what each run of each suite trains, how to run it, and how to read its logs back.
+
+Each run is the training script itself, run as a subprocess with the flags below.  Its small
+outputs (config.json, metrics.json, log.jsonl) are copied to docs/results/<suite>/<run>/, which
+load() reads; the report is computed from those files alone.
+"""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))                    # the experiments import srlora from the repository root
+DOCS = ROOT / "docs"
+RESULTS = DOCS / "results"
+SEEDS = (0, 1, 2)
+METHODS = "lora,pissa,srlora"
+
+# Identical hyperparameters and data order for every method: one process per seed runs all three.
+# The text and vision suites are the scripts' offline defaults (the README's demo), seeded.
+SUITES = {
+    "text": {"script": "train_glue.py", "flags": [],
+             "runs": {f"seed{s}": [f"--seed={s}", f"--methods={METHODS}"] for s in SEEDS}},
+    # SRLoRA against PiSSA (the comparison that isolates recomposition) at 3x the demo's budget.
+    "text-long": {"script": "train_glue.py", "flags": ["--max_steps=600", "--eval_every=150", "--warmup=60"],
+                  "runs": {f"seed{s}": [f"--seed={s}", "--methods=pissa,srlora"] for s in SEEDS}},
+    # Small rank, where recomposition has the most room: r=2 (alpha=r, scaling 1 as in the paper), r_target=8r.
+    # LoRA on seed 0 only: the CPU budget went to the PiSSA-against-SRLoRA comparison (seed 1's two
+    # methods ran as two processes side by side; a run folder's methods share seed and data order either way).
+    "small-r": {"script": "train_glue.py", "flags": ["--r=2", "--alpha=2", "--r_target=16"],
+                "runs": {"seed0": ["--seed=0", f"--methods={METHODS}"],
+                         "seed1-pissa": ["--seed=1", "--method=pissa"], "seed1-srlora": ["--seed=1", "--method=srlora"],
+                         "seed2": ["--seed=2", "--methods=pissa,srlora"]}},
+    # The same small-rank setting with the switch ranking that does not grow with a pair's magnitude.
+    "small-r-relative": {"script": "train_glue.py",
+                         "flags": ["--r=2", "--alpha=2", "--r_target=16", "--method=srlora", "--score=relative"],
+                         "runs": {f"seed{s}": [f"--seed={s}"] for s in SEEDS[:2]}},
+    "vision": {"script": "train_vit.py", "flags": [],
+               "runs": {f"seed{s}": [f"--seed={s}", f"--methods={METHODS}"] for s in SEEDS}},
+    # SRLoRA alone, seed 0, one setting changed from the default per run; the default itself
+    # (gamma 0.5, r_target 32 = 4r, moments keep, reset recycled) is the text suite's seed-0 run.
+    "ablations": {"script": "train_glue.py", "flags": ["--seed=0", "--method=srlora"],
+                  "runs": {"gamma0.25": ["--gamma=0.25"], "gamma0.75": ["--gamma=0.75"],
+                           "rtarget16": ["--r_target=16"], "rtarget128": ["--r_target=128"],
+                           "moments_reset": ["--moments=reset"], "reset_all": ["--reset=all"]}},
+}
+# The dynamics: SRLoRA alone, seed 0, logging each switch's pair scores and pair magnitudes (trainlib's
+# switch_diagnostics), for the default and for the settings that could change which slots rotate.
+DYNAMICS = {"default": [], "score_relative": ["--score=relative"], "grace1": ["--grace=1"]}
+SUITES["dynamics"] = {"script": "train_glue.py", "flags": ["--seed=0", "--method=srlora"], "runs": DYNAMICS}
+# The switch alternatives of srlora.py, each alone at the demo's settings (r=8, r_target=32, 200 steps), 3 seeds;
+# the paper's default with the same seeds is the text suite's SRLoRA.
+ALTERNATIVES = {"relative": ["--score=relative"], "stop0.8": ["--switch_stop=0.8"],
+                "adaptive": ["--switch_schedule=adaptive"], "grace1": ["--grace=1"]}
+SUITES["alternatives"] = {"script": "train_glue.py", "flags": ["--method=srlora"],
+                          "runs": {f"{a}-seed{s}": [f"--seed={s}", *f] for a, f in ALTERNATIVES.items() for s in SEEDS}}
+ALTERNATIVE_LABELS = {"relative": "score / magnitude² (`--score=relative`)",
+                      "stop0.8": "all switches in the first 80% (`--switch_stop=0.8`)",
+                      "adaptive": "adaptive schedule (`--switch_schedule=adaptive`)",
+                      "grace1": "grace of one switch (`--grace=1`)"}
+# 1,000 steps (two passes over the 11,668 training tweets) at r=4 and r_target=32=8r: PiSSA, the paper's SRLoRA and
+# its relative score on 3 seeds; LoRA at rank r and at rank r_target (alpha = rank, scaling 1) as references.
+# One process per run, so two runs can share the machine.
+LONG_R4 = ["--r=4", "--alpha=4", "--r_target=32", "--max_steps=1000", "--epochs=2", "--warmup=100", "--eval_every=250"]
+SUITES["long-r4"] = {"script": "train_glue.py", "flags": LONG_R4, "runs": {
+    **{f"{m}-seed{s}": [f"--seed={s}", f"--method={m}"] for s in SEEDS for m in ("pissa", "srlora")},
+    **{f"relative-seed{s}": [f"--seed={s}", "--method=srlora", "--score=relative"] for s in SEEDS},
+    **{f"lora-seed{s}": [f"--seed={s}", "--method=lora"] for s in SEEDS},
+    **{f"lora32-seed{s}": [f"--seed={s}", "--method=lora", "--r=32", "--alpha=32"] for s in SEEDS}}}
+# The other ranks at the demo's 200 steps: r=1 (r_target=8, so every switch swaps the one slot) with PiSSA, and
+# r=8 with r_target=64 = 8r (PiSSA at r=8 does not depend on r_target: it is the text suite's).
+SUITES["rank-sweep"] = {"script": "train_glue.py", "flags": [], "runs": {
+    **{f"r1-{m}-seed{s}": [f"--seed={s}", f"--method={m}", "--r=1", "--alpha=1", "--r_target=8"]
+       for s in SEEDS for m in ("pissa", "srlora")},
+    **{f"r8rt64-srlora-seed{s}": [f"--seed={s}", "--method=srlora", "--r_target=64"] for s in SEEDS},
+    # r=1 with Adam's second moment of the recycled slot zeroed too: is the kept moment why r=1 stalls?
+    **{f"r1-momreset-seed{s}": [f"--seed={s}", "--method=srlora", "--r=1", "--alpha=1", "--r_target=8",
+                                "--moments=reset"] for s in SEEDS}}}
+DEFAULT = "default"   # the text suite's seed-0 SRLoRA run, standing in for gamma0.5, rtarget32, keep, recycled
+ABLATION_GROUPS = {"gamma": ("gamma0.25", DEFAULT, "gamma0.75"),
+                   "r_target (2r, 4r, 16r)": ("rtarget16", DEFAULT, "rtarget128"),
+                   "Adam 2nd moment at recycle": (DEFAULT, "moments_reset"),
+                   "importance reset": (DEFAULT, "reset_all")}
+ABLATION_LABELS = {DEFAULT: "default", "gamma0.25": "gamma 0.25", "gamma0.75": "gamma 0.75",
+                   "rtarget16": "r_target 16", "rtarget128": "r_target 128",
+                   "moments_reset": "reset 2nd moment", "reset_all": "reset all slots"}
+# Suites whose runs took the top singular directions with the randomized SVD that svd="auto" used at
+# MiniLM's width before it became the exact SVD up to 1,024 wide.
+RANDOMIZED_BASIS = {"text-long", "vision", "ablations", "small-r", "small-r-relative"}
+
+
+def run_suite(name, extra, only=()):
+    """Train every run of suite `name` (or only the named ones), with `extra` flags added, and
+    copy its logs to docs/results/<name>/<run>/."""
+    suite = SUITES[name]
+    scratch = Path("runs") / "experiments" / name          # relative to ROOT, the runs' working folder
+    for run, flags in suite["runs"].items():
+        if only and run not in only:
+            continue
+        cmd = [sys.executable, suite["script"], *suite["flags"], *flags, *extra,
+               f"--out_dir={scratch}", f"--name={run}", "--overwrite", "--plots=false"]
+        print("$", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        dest = RESULTS / name / run
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in ("config.json", "metrics.json", "log.jsonl"):
+            shutil.copy(ROOT / scratch / run / f, dest / f)
+
+
+def load(suite):
+    """{run name: {"config", "metrics", "records"}} from the logs committed under docs/results/<suite>/."""
+    runs = {}
+    for d in sorted((RESULTS / suite).glob("*/")):
+        records = [json.loads(l) for l in (d / "log.jsonl").read_text().splitlines()]
+        runs[d.name] = {"config": json.loads((d / "config.json").read_text()),
+                        "metrics": json.loads((d / "metrics.json").read_text()), "records": records}
+    return runs
+
+
+def relabel(run, old, new):
+    """run with the metrics and records of method `old` relabelled `new`."""
+    rename = lambda r: {**r, "method": new} if r.get("method") == old else r  # noqa: E731
+    return {**run, "metrics": [rename(m) for m in run["metrics"]], "records": [rename(r) for r in run["records"]]}
+
+
+def renamed(suite, methods):
+    """load(suite), with the method of every run whose name starts with a key of `methods` (e.g.
+    "relative" for "relative-seed1") renamed to its value, so that one suite can hold several
+    variants of the same --method.  These suites run one method per run."""
+    runs = load(suite)
+    for name, run in runs.items():
+        method = methods.get(name.rsplit("-seed", 1)[0])
+        if method:
+            runs[name] = relabel(run, run["metrics"][0]["method"], method)
+    return runs
+
+
+def with_alternative(runs, suite, method):
+    """runs, plus the SRLoRA runs of `suite` with their method renamed to `method`."""
+    for name, alt in load(suite).items():
+        runs[f"{suite}/{name}"] = relabel(alt, "srlora", method)
+    return runs
