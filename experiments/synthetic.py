@@ -28,13 +28,15 @@ import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from srlora import AdaptiveSchedule, ImportanceTracker, apply_srlora, recompose, srlora_layers, switch_steps  # noqa: E402
+from srlora import ImportanceTracker, apply_srlora, recompose, srlora_layers  # noqa: E402
+from srlora_switch import AdaptiveSchedule, SlotRule, switch_steps_within  # noqa: E402
 
 OUT = ROOT / "docs" / "results" / "synthetic"
 
 # method: (apply_srlora settings, recompose settings).  r and r_target are filled in from the flags;
 # "lora_rt" is LoRA with rank r_target, the upper reference with the same span and more parameters.
-# SRLoRA's switch settings: recompose() options, plus "stop" (switch_steps) and "adaptive" (AdaptiveSchedule).
+# SRLoRA's switch settings: srlora_switch.SlotRule options, plus "stop" (switch_steps_within) and
+# "adaptive" (AdaptiveSchedule).
 METHODS = {
     "lora": ({"init": "lora"}, None),
     "pissa": ({"init": "pissa", "r_target": "r"}, None),
@@ -105,7 +107,8 @@ def train(W0, teacher, method, args, lr, seed):
     tracker = ImportanceTracker(model) if switch is not None else None
     switch = dict(switch or {})
     stop, ratio = switch.pop("stop", 1.0), switch.pop("adaptive", None)
-    switches = set(switch_steps(args.steps, cfg["r"], cfg["r_target"], cfg["gamma"], stop)) if tracker else set()
+    rule = SlotRule(**switch)
+    switches = set(switch_steps_within(args.steps, cfg["r"], cfg["r_target"], cfg["gamma"], stop)) if tracker else set()
     schedule = AdaptiveSchedule(args.steps, cfg["r"], cfg["r_target"], cfg["gamma"], ratio=ratio) if ratio else None
     gen = torch.Generator().manual_seed(1000 + seed)
     for step in range(1, args.steps + 1):
@@ -124,9 +127,9 @@ def train(W0, teacher, method, args, lr, seed):
         if schedule is not None:
             due = schedule.due(step, tracker)
             if due:
-                recompose(model, tracker, cfg["gamma"], optimizer=opt, layers=due)
+                recompose(model, tracker, opt, layers=due)
         elif step in switches:
-            recompose(model, tracker, cfg["gamma"], optimizer=opt, **switch)
+            recompose(model, tracker, opt, select=rule)
     x = torch.randn(4096, args.d, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         test = float((model(x) - teacher(x)).pow(2).mean())
