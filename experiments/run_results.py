@@ -26,8 +26,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import trainlib  # noqa: E402
-from trainlib import active_intervals, is_ffn  # noqa: E402
+import harness.plots  # noqa: E402
+from harness.plots import active_intervals, is_ffn  # noqa: E402
 from srlora import n_recycle  # noqa: E402
 sys.path.insert(0, str(ROOT / "experiments"))
 import dynamics  # noqa: E402
@@ -204,8 +204,8 @@ def plot_intervals(run, prefix):
     intervals = active_intervals(run["records"], run["config"]["r"])
     if not intervals:
         return None
-    layer, var = trainlib.plot_intervals(intervals, RESULTS / f"{prefix}_fig5_active_intervals.png",
-                                         RESULTS / f"{prefix}_fig4_interval_variance.png")
+    layer, var = harness.plots.plot_intervals(intervals, RESULTS / f"{prefix}_fig5_active_intervals.png",
+                                              RESULTS / f"{prefix}_fig4_interval_variance.png")
     ffn = [v for l, v in var.items() if is_ffn(l)]
     att = [v for l, v in var.items() if not is_ffn(l)]
     if not (ffn and att):

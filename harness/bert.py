@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainlib import UserError, read_weights
+from harness.errors import UserError
+from harness.weights import read_weights
 
 
 @dataclass
