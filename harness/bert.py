@@ -300,9 +300,6 @@ class Tokenizer:
                 piece += ch
         return tokens + [piece] if piece else tokens
 
-    def basic_tokenize(self, text: str) -> list:
-        return [t for word in _clean(text).split() for t in self.split_word(word)]
-
     def wordpiece(self, word: str) -> list:
         """Greedy longest-match-first split into vocabulary pieces, continuations prefixed ##;
         a word with no such split, or longer than max_word_chars, is a single [UNK]."""
