@@ -186,6 +186,13 @@ def test_load_dataset_checks_the_dataset_and_folder(tmp_path):
     assert len(x) == 3 and len(xt) == 2
 
 
+def test_every_dataset_reads_data_dir_so_that_none_ignores_it(tmp_path):
+    """A data flag that the chosen data ignores is a trap (train_glue.py refuses --data_dir with
+    --task=tweets); here no such case exists: every dataset, MNIST included, reads --data_dir."""
+    for dataset in train_vit.N_CLASSES:
+        with pytest.raises(UserError, match=f"--data_dir={tmp_path / 'nope'} is not a folder"):
+            load_dataset(VisionConfig(dataset=dataset, data_dir=str(tmp_path / "nope")))
+
 def test_preprocess_makes_grey_images_three_normalised_channels_at_the_model_size():
     white = torch.full((2, 1, 28, 28), 255, dtype=torch.uint8)
     x = preprocess(white, 42, vit.IMAGENET_MEAN, vit.IMAGENET_STD, crop=False, flip=False)
