@@ -88,7 +88,7 @@ def toy_main(argv):
                        evaluate=lambda model, device: (F.cross_entropy(model(X[:64]), Y[:64]).item(), {}))
 
 
-# --- the tiny BERT of the train_glue.py and bert.py tests -----------------------------------
+# --- the tiny BERT of the train_glue.py and harness/bert.py tests ---------------------------
 
 POS, NEG = ["good", "great", "fun", "lovely"], ["bad", "dull", "awful", "boring"]
 FILL = ["the", "movie", "was", "a", "plot", "and", "very", "it", "'", "s"]
