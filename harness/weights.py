@@ -1,5 +1,5 @@
 """Weights files: a state dict from .safetensors (read by its format, with no dependency) or from
-a torch .pth / .bin / .pt file.  Models take the state dict; only the harness reads files."""
+a torch .pth / .bin / .pt file, and a one-line UserError for a missing or corrupt one."""
 import json
 import os
 import struct
