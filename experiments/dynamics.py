@@ -5,7 +5,7 @@ dwell()             how many switch intervals each brought-in direction stayed b
 score_gaps()        at each switch, the pair scores (Eq. 7) of the slots refilled one switch earlier
                     against those of the kept slots, raw and divided by the pair's magnitude squared;
 active_intervals()  how many steps each singular index stayed in the adapter (the paper's Fig. 4 and 5).
-score_gaps() needs the "scores" and "norms" that trainlib logs with each switch (switch_diagnostics).
+score_gaps() needs the "scores" and "norms" that harness/loop.py logs with each switch (switch_diagnostics).
 """
 from collections import Counter
 

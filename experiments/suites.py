@@ -45,7 +45,7 @@ SUITES = {
                            "rtarget16": ["--r_target=16"], "rtarget128": ["--r_target=128"],
                            "moments_reset": ["--moments=reset"], "reset_all": ["--reset=all"]}},
 }
-# The dynamics: SRLoRA alone, seed 0, logging each switch's pair scores and pair magnitudes (trainlib's
+# The dynamics: SRLoRA alone, seed 0, logging each switch's pair scores and pair magnitudes (harness/loop.py's
 # switch_diagnostics), for the default and for the settings that could change which slots rotate.
 DYNAMICS = {"default": [], "score_relative": ["--score=relative"], "grace1": ["--grace=1"]}
 SUITES["dynamics"] = {"script": "train_glue.py", "flags": ["--seed=0", "--method=srlora"], "runs": DYNAMICS}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from hypothesis import given, settings, strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "experiments"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import dynamics  # noqa: E402
 
 

@@ -15,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 from srlora import SRLoRALinear, apply_srlora, srlora_layers
 from srlora_export import PAPER_TARGETS
 from srlora_hf import TRACKER_FILE          # importing srlora_hf needs no transformers; SRLoRACallback does
+from tests.helpers import ROOT
 
 
 # r and alpha travel with the state dict ------------------------------------------------------------
@@ -61,7 +62,7 @@ def test_srlora_hf_imports_without_transformers_and_needs_it_only_for_the_callba
     import sys
     code = ("import sys; sys.modules['transformers'] = None; import srlora_hf\n"
             "try:\n    from srlora_hf import SRLoRACallback\nexcept ImportError:\n    print('needs transformers')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and done.stdout == "needs transformers\n", done.stderr
 
 

@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainlib import UserError, read_weights
+from harness.errors import UserError
+from harness.weights import read_weights
 
 
 @dataclass
@@ -298,9 +299,6 @@ class Tokenizer:
             else:
                 piece += ch
         return tokens + [piece] if piece else tokens
-
-    def basic_tokenize(self, text: str) -> list:
-        return [t for word in _clean(text).split() for t in self.split_word(word)]
 
     def wordpiece(self, word: str) -> list:
         """Greedy longest-match-first split into vocabulary pieces, continuations prefixed ##;

@@ -10,36 +10,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn as nn
 import torch.nn.functional as F
 
 from srlora import (AdaptiveSchedule, ImportanceTracker, apply_srlora, merge_srlora, recompose, srlora_layers,
                     switch_steps)
+from tests.helpers import Net
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
 
 STEPS, GAMMA = 12, 0.5
-
-
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.up, self.down = nn.Linear(d, 2 * d + 1), nn.Linear(2 * d + 1, d)
-
-    def forward(self, x):
-        return x + self.down(torch.tanh(self.up(x)))
-
-
-class Net(nn.Module):
-    def __init__(self, d=11, n_blocks=2):
-        super().__init__()
-        self.blocks = nn.ModuleList([Block(d) for _ in range(n_blocks)])
-        self.head = nn.Linear(d, 3)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
 
 
 def build(kind):
@@ -269,18 +248,3 @@ def test_merge_srlora_on_a_sharded_model_fails_and_the_unsharded_copy_it_names_m
     copy.load_state_dict(full)
     with torch.no_grad():
         torch.testing.assert_close(merge_srlora(copy)(x), model(x), rtol=1e-5, atol=1e-6)
-
-
-def test_the_fsdp_units_are_the_outermost_list_children_that_hold_srlora_layers():
-    from parallel import transformer_blocks
-
-    class Nested(nn.Module):                      # a block holding a list of its own, and an unadapted list
-        def __init__(self):
-            super().__init__()
-            self.blocks = nn.ModuleList([nn.ModuleDict(dict(inner=nn.ModuleList([Block(5)]))) for _ in range(3)])
-            self.plain = nn.ModuleList([nn.Linear(5, 5)])
-
-    model = apply_srlora(Nested(), targets=("up",), r=2, r_target=4)
-    assert transformer_blocks(model) == list(model.blocks)
-    net = apply_srlora(Net(n_blocks=3), targets=("down",), r=2, r_target=4)
-    assert transformer_blocks(net) == list(net.blocks)

@@ -1,5 +1,5 @@
 """How the training loop runs on the processes torchrun starts: DDP, where every rank holds the whole
-model, or FSDP2 (--fsdp), where every rank holds 1/N of each weight (srlora_fsdp.py).  trainlib.py
+model, or FSDP2 (--fsdp), where every rank holds 1/N of each weight (srlora_fsdp.py).  harness/loop.py
 calls these; nothing here knows about runs, flags or logs.
 
 FSDP2 in the loop:  apply_srlora(..., decompose=spread_factors) -> shard(model) -> optimizer and

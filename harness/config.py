@@ -1,0 +1,200 @@
+"""The flags both scripts share: TrainConfig (every field a --flag), the nanoGPT-style parser,
+--help built from the fields' comments, the command-line entry cli(), and the checks of a config."""
+import dataclasses
+import inspect
+import math
+import re
+import sys
+from dataclasses import dataclass
+
+from harness.errors import NonFiniteError, UserError, fail
+from srlora import check_grace, n_recycle
+
+
+@dataclass
+class TrainConfig:
+    """Settings both scripts share; every field is also a --flag.  The scripts subclass it."""
+    method: str = ""                  # one method; when set it overrides `methods`
+    methods: str = "lora,pissa,srlora"  # run in turn, same seed and data order: a side-by-side comparison
+    targets: str = ""                 # comma-separated nn.Linear name suffixes; the scripts set a default
+    r: int = 8                        # the paper's rank
+    alpha: float = 8.0                # the paper's alpha (scaling = alpha / r = 1)
+    r_target: int = 32                # directions a layer may visit (SRLoRA); the paper's Fig. 4/5 use 32
+    gamma: float = 0.5                # fusion ratio, the paper's value
+    beta1: float = 0.85               # importance EMA (Eq. 4), the paper's value
+    beta2: float = 0.85               # uncertainty EMA (Eq. 5), the paper's value
+    reset: str = "recycled"           # importance reset at a switch: recycled (Alg. 1) or all (Sec. 3.1)
+    moments: str = "keep"             # AdamW exp_avg_sq of recycled slots: keep or reset (see srlora.recompose)
+    score: str = "paper"              # slot ranking: paper (Eq. 7) or relative (Eq. 7 / (|B_k| |A_k|)^2); see srlora.SRLoRAConfig
+    grace: int = 0                    # a refilled slot is not recycled at its layer's next `grace` switches
+    switch_stop: float = 1.0          # all switches within the first switch_stop of the steps (1.0: the paper's schedule)
+    switch_schedule: str = "fixed"    # fixed (Eq. 13-14) or adaptive (srlora.AdaptiveSchedule, per layer)
+    adapt_ratio: float = 0.1          # adaptive: switch when a layer's lowest score < adapt_ratio * its mean
+    adapt_every: int = 10             # adaptive: steps between checks
+    optimizer: str = "adamw"          # adamw (the paper's GLUE runs) or sgd (its ViT runs)
+    lr: float = 1e-4
+    head_lr: float = 0.0              # learning rate of the classifier head; 0 means lr
+    weight_decay: float = 0.0         # the paper uses none
+    momentum: float = 0.9             # sgd only
+    schedule: str = "linear"          # after warm-up: linear decay to 0 (GLUE) or cosine (ViT)
+    warmup: int = 500                 # the paper's warm-up steps; not scaled with --max_steps: a run no longer than it warns
+    max_steps: int = 0                # optimizer steps; the scripts compute it (steps_for)
+    batch_size: int = 16              # examples per optimizer step, over all grad_accum micro-batches and ranks
+    grad_accum: int = 1               # micro-batches per optimizer step
+    eval_every: int = 500             # the paper evaluates every 500 steps
+    save_every: int = 0               # checkpoint cadence; 0 means eval_every
+    log_every: int = 10               # steps per log record and progress line
+    seed: int = 0
+    out_dir: str = "runs"
+    name: str = ""                    # run folder under out_dir; default <task>-<methods>-seed<seed>
+    resume: str = ""                  # a run folder to continue (repeat the original flags)
+    overwrite: bool = False           # replace an existing run folder
+    device: str = "auto"              # auto: cuda when available
+    amp: str = "off"                  # bf16: autocast (the paper's ViT runs used 16-bit mixed precision)
+    residual_dtype: str = "model"     # dtype of the frozen W and basis: model (its own, fp32 here) or bfloat16
+    plots: bool = True                # PNG plots, when matplotlib is installed
+    fsdp: bool = False                # under torchrun: shard each block and the model with FSDP2 (harness/parallel.py)
+
+
+METHODS = ("lora", "pissa", "srlora")
+# Settings that may differ when a run is resumed: they do not change what is computed.
+RESUMABLE_CHANGES = ("resume", "overwrite", "device", "plots", "log_every", "out_dir", "name")
+
+
+def _parse_value(text: str, default, flag: str):
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"--{flag}={text} is not a boolean; use --{flag}=true or --{flag}=false")
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise UserError(f"--{flag}={text} is not a valid {type(default).__name__}") from None
+
+
+def parse_config(cls, argv, presets: dict = None, preset_field: str = None):
+    """nanoGPT-style flags (--field=value or --field value) over the fields of a config dataclass.
+
+    When `presets` is given, presets[value of preset_field] is applied first and explicit flags win.
+    """
+    defaults = cls()
+    names = {f.name for f in dataclasses.fields(cls)}
+    given, args = {}, list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}; flags look like --lr=1e-4")
+        key, has_value, text = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in names:
+            raise UserError(f"unknown flag --{key}; run with --help to list the flags")
+        default = getattr(defaults, key)
+        if not has_value:
+            if isinstance(default, bool) and (not args or args[0].startswith("--")):
+                text = "true"
+            elif not args:
+                raise UserError(f"--{key} needs a value")
+            else:
+                text = args.pop(0)
+        given[key] = _parse_value(text, default, key)
+    cfg = defaults
+    if presets is not None:
+        choice = given.get(preset_field, getattr(defaults, preset_field))
+        cfg = dataclasses.replace(cfg, **presets.get(choice, {}))
+    return dataclasses.replace(cfg, **given)
+
+
+def field_comments(cls) -> dict:
+    """{field: the comment on its line} for a config dataclass and its bases, read from the source."""
+    comments = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        for line in lines:
+            m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+            if m:
+                comments[m.group(1)] = m.group(2)
+    return comments
+
+
+def print_help(cls, doc: str = "", presets: dict = None, preset_field: str = None):
+    """The script's docstring, every flag with its default and its comment, then the presets."""
+    print(doc.strip() + "\n\nflags (--name=value), with their defaults:")
+    comments, defaults = field_comments(cls), cls()
+    for f in dataclasses.fields(cls):
+        flag = f"--{f.name}={getattr(defaults, f.name)!r}"
+        print(f"  {flag:<32} {comments.get(f.name, '')}".rstrip())
+    if presets:
+        print(f"\n--{preset_field} presets (applied first; explicit flags win):")
+        for name, values in presets.items():
+            print(f"  {name}: " + (", ".join(f"{k}={v}" for k, v in values.items()) or "the defaults above"))
+
+
+def cli(main):
+    """Run main(argv); bad input becomes one line on stderr and exit code 2, with no traceback."""
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        module = sys.modules["__main__"]
+        config = next(v for v in vars(module).values()
+                      if isinstance(v, type) and issubclass(v, TrainConfig) and v is not TrainConfig)
+        presets = getattr(module, "PRESETS", None)
+        field = next((f.name for f in dataclasses.fields(config) if f.name in ("task", "preset")), None)
+        print_help(config, module.__doc__ or "", presets, field)
+        sys.exit(0)
+    try:
+        code = main(sys.argv[1:])
+    except NonFiniteError as e:
+        fail(str(e), code=3)
+    except UserError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; continue with --resume <run folder> and the same flags", code=130)
+    sys.exit(code or 0)
+
+
+def steps_for(epochs: float, n_train: int, batch_size: int, max_steps: int = 0) -> int:
+    """epochs * ceil(n_train / batch_size) optimizer steps, capped by max_steps when it is > 0."""
+    steps = max(1, int(epochs * math.ceil(n_train / batch_size)))
+    return min(steps, max_steps) if max_steps > 0 else steps
+
+
+def check_config(cfg):
+    methods = method_list(cfg)
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise UserError(f"unknown method {bad[0]!r}; use --method or --methods with {', '.join(METHODS)}")
+    if cfg.r < 1:
+        raise UserError(f"--r={cfg.r} must be at least 1")
+    if cfg.r_target < cfg.r:
+        raise UserError(f"--r_target={cfg.r_target} is smaller than --r={cfg.r}; use r_target >= r "
+                        f"(r_target == r means PiSSA, no switches)")
+    if not 0.0 < cfg.gamma <= 1.0:
+        raise UserError(f"--gamma={cfg.gamma} is outside (0, 1]; it is the fraction of slots recycled per switch")
+    for flag, value, allowed in (("optimizer", cfg.optimizer, ("adamw", "sgd")),
+                                 ("schedule", cfg.schedule, ("linear", "cosine")),
+                                 ("reset", cfg.reset, ("recycled", "all")),
+                                 ("moments", cfg.moments, ("keep", "reset")),
+                                 ("score", cfg.score, ("paper", "relative")),
+                                 ("switch_schedule", cfg.switch_schedule, ("fixed", "adaptive")),
+                                 ("amp", cfg.amp, ("off", "bf16")),
+                                 ("residual_dtype", cfg.residual_dtype, ("model", "float32", "bfloat16"))):
+        if value not in allowed:
+            raise UserError(f"--{flag}={value} is unknown; use one of {', '.join(allowed)}")
+    if not 0.0 < cfg.switch_stop <= 1.0 or not 0.0 < cfg.adapt_ratio <= 1.0 or cfg.adapt_every < 1:
+        raise UserError(f"--switch_stop={cfg.switch_stop}, --adapt_ratio={cfg.adapt_ratio} and "
+                        f"--adapt_every={cfg.adapt_every}: use values in (0, 1], (0, 1] and >= 1")
+    try:
+        check_grace(cfg.grace, n_recycle(cfg.r, cfg.gamma), cfg.r)
+    except ValueError as e:
+        raise UserError(f"--{e}") from None
+    if cfg.max_steps < 1 or cfg.grad_accum < 1 or cfg.eval_every < 1 or cfg.log_every < 1:
+        raise UserError("--max_steps, --grad_accum, --eval_every and --log_every must be at least 1")
+    if not cfg.targets:
+        raise UserError("--targets is empty; name the nn.Linear layers to adapt, e.g. --targets=query,value")
+
+
+def method_list(cfg):
+    return [cfg.method] if cfg.method else [m.strip() for m in cfg.methods.split(",") if m.strip()]
