@@ -47,25 +47,28 @@ class SRLoRAConfig:
     def __post_init__(self):
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         dtype = None if self.residual_dtype is None else str(self.residual_dtype).removeprefix("torch.")
-        self.residual_dtype = dtype
-        for name, ok, use in (
-                ("r", isinstance(self.r, int) and self.r >= 1, "a positive integer, e.g. 8"),
-                ("r_target", isinstance(self.r_target, int) and self.r_target >= self.r,
-                 f"an integer >= r={self.r} (r_target == r is PiSSA, no switches)"),
-                ("alpha", math.isfinite(self.alpha) and self.alpha > 0, "positive: scaling = alpha / r"),
-                ("gamma", 0.0 < self.gamma <= 1.0, "the fraction of the r slots recycled per switch, in (0, 1]"),
-                ("beta1", 0.0 <= self.beta1 < 1.0, "an EMA factor in [0, 1), e.g. 0.85"),
-                ("beta2", 0.0 <= self.beta2 < 1.0, "an EMA factor in [0, 1), e.g. 0.85"),
-                ("targets", all(isinstance(t, str) and t for t in self.targets) and self.targets != (),
-                 "module name suffixes, e.g. ('query', 'value')"),
-                ("init", self.init in ("pissa", "lora"), "'pissa' or 'lora'"),
-                ("reset", self.reset in ("recycled", "all"), "'recycled' or 'all'"),
-                ("moments", self.moments in ("keep", "reset"), "'keep' or 'reset'"),
-                ("svd", self.svd in ("auto", "full", "lowrank"), "'auto', 'full' or 'lowrank'"),
-                ("residual_dtype", dtype is None or isinstance(getattr(torch, dtype, None), torch.dtype)
-                 and getattr(torch, dtype).is_floating_point, "None (the model's), 'float32' or 'bfloat16'")):
+        self.residual_dtype, r = dtype, self.r
+        for ok, message in (
+                (isinstance(r, int) and r >= 1, f"r={r!r} must be at least 1 (an integer, e.g. r=8)"),
+                (isinstance(self.r_target, int) and self.r_target >= r, f"r_target={self.r_target!r} is smaller "
+                 f"than r={r}; use r_target >= r (r_target == r means PiSSA, no switches)"),
+                (math.isfinite(self.alpha) and self.alpha > 0, f"alpha={self.alpha} must be positive and finite; "
+                 f"scaling = alpha / r, e.g. alpha=r"),
+                (0.0 < self.gamma <= 1.0, f"gamma={self.gamma} is outside (0, 1]; it is the fraction of the r "
+                 f"slots recycled at each switch, e.g. gamma=0.5"),
+                (0.0 <= self.beta1 < 1.0, f"beta1={self.beta1} is outside [0, 1); it is an EMA factor, e.g. 0.85"),
+                (0.0 <= self.beta2 < 1.0, f"beta2={self.beta2} is outside [0, 1); it is an EMA factor, e.g. 0.85"),
+                (all(isinstance(t, str) and t for t in self.targets) and self.targets != (),
+                 f"targets={self.targets!r} must be module name suffixes, e.g. ('query', 'value')"),
+                (self.init in ("pissa", "lora"), f"init={self.init!r} is unknown; use 'pissa' or 'lora'"),
+                (self.reset in ("recycled", "all"), f"reset={self.reset!r} is unknown; use 'recycled' or 'all'"),
+                (self.moments in ("keep", "reset"), f"moments={self.moments!r} is unknown; use 'keep' or 'reset'"),
+                (self.svd in ("auto", "full", "lowrank"), f"svd={self.svd!r} is unknown; use 'auto', 'full' or 'lowrank'"),
+                (dtype is None or isinstance(getattr(torch, dtype, None), torch.dtype)
+                 and getattr(torch, dtype).is_floating_point, f"residual_dtype={dtype!r} is not a floating dtype; "
+                 f"use None (the model's dtype), 'float32' or 'bfloat16'")):
             if not ok:
-                raise ValueError(f"SRLoRAConfig: {name}={getattr(self, name)!r}; use {use}")
+                raise ValueError(message)
 
 
 def _init_known_fields(self, *args, _init=SRLoRAConfig.__init__, **kwargs):

@@ -51,12 +51,16 @@ class SlotRule:
         """ranked(), with +inf for the slots a switch may not recycle."""
         return self.ranked(tracker, layer).masked_fill(~self.eligible(layer, k), math.inf)
 
+    def check(self, r: int, k: int) -> None:
+        """A layer of rank r that recycles k slots per switch must keep k eligible."""
+        if (self.grace + 1) * k > r:
+            raise ValueError(f"grace={self.grace} with r'={k} of r={r} leaves fewer than r' slots to "
+                             f"recycle; use grace in 0 .. {r // k - 1} or a smaller gamma")
+
     def eligible(self, layer: SRLoRALinear, k: int) -> torch.Tensor:
         """(r,) bool.  No extra state: direction p >= r came in at the layer's switch (p - r) // r',
         so a slot's age is read off active_indices, which checkpoints hold."""
-        if (self.grace + 1) * k > layer.r:
-            raise ValueError(f"grace={self.grace} with r'={k} of r={layer.r} leaves fewer than r' slots to "
-                             f"recycle; use grace in 0 .. {layer.r // k - 1} or a smaller gamma")
+        self.check(layer.r, k)
         p = layer.active_indices
         return (p < layer.r) | (layer.next_index - p > self.grace * k)
 
@@ -90,7 +94,7 @@ class AdaptiveSchedule:
     def __init__(self, total_steps: int, r: int, r_target: int, gamma: float = 0.5, ratio: float = 0.1,
                  every: int = 10, min_interval: int = None, stop: float = 1.0, rule: SlotRule = None):
         if not (0.0 < ratio <= 1.0 and isinstance(every, int) and every >= 1):
-            raise ValueError(f"ratio={ratio} / every={every}: use ratio in (0, 1] (e.g. 0.1) and every >= 1")
+            raise ValueError(f"ratio={ratio}, every={every}: use a ratio in (0, 1] (e.g. 0.1) and every >= 1")
         fixed = switch_steps_within(total_steps, r, r_target, gamma, stop)
         self.min_interval = min_interval or max(1, (fixed[0] if fixed else total_steps) // 2)
         self.horizon = round(stop * total_steps)

@@ -8,27 +8,21 @@ import sys
 from dataclasses import dataclass
 
 from harness.errors import NonFiniteError, UserError, fail
-from srlora import check_grace, n_recycle
+from srlora import SRLoRAConfig, n_recycle
+from srlora_switch import AdaptiveSchedule, SlotRule, switch_steps_within
 
 
 @dataclass
-class TrainConfig:
-    """Settings both scripts share; every field is also a --flag.  The scripts subclass it."""
+class TrainFields:
+    """The settings of a run besides SRLoRAConfig's; TrainConfig adds those.  Every field is a --flag."""
     method: str = ""                  # one method; when set it overrides `methods`
     methods: str = "lora,pissa,srlora"  # run in turn, same seed and data order: a side-by-side comparison
     targets: str = ""                 # comma-separated nn.Linear name suffixes; the scripts set a default
-    r: int = 8                        # the paper's rank
-    alpha: float = 8.0                # the paper's alpha (scaling = alpha / r = 1)
-    r_target: int = 32                # directions a layer may visit (SRLoRA); the paper's Fig. 4/5 use 32
-    gamma: float = 0.5                # fusion ratio, the paper's value
-    beta1: float = 0.85               # importance EMA (Eq. 4), the paper's value
-    beta2: float = 0.85               # uncertainty EMA (Eq. 5), the paper's value
-    reset: str = "recycled"           # importance reset at a switch: recycled (Alg. 1) or all (Sec. 3.1)
-    moments: str = "keep"             # AdamW exp_avg_sq of recycled slots: keep or reset (see srlora.recompose)
-    score: str = "paper"              # slot ranking: paper (Eq. 7) or relative (Eq. 7 / (|B_k| |A_k|)^2); see srlora.SRLoRAConfig
+    # The alternative switch rules of srlora_switch.py; each default is the paper's rule.
+    score: str = "paper"              # slot ranking: paper (Eq. 7) or relative (Eq. 7 / (|B_k| |A_k|)^2); srlora_switch.SlotRule
     grace: int = 0                    # a refilled slot is not recycled at its layer's next `grace` switches
     switch_stop: float = 1.0          # all switches within the first switch_stop of the steps (1.0: the paper's schedule)
-    switch_schedule: str = "fixed"    # fixed (Eq. 13-14) or adaptive (srlora.AdaptiveSchedule, per layer)
+    switch_schedule: str = "fixed"    # fixed (Eq. 13-14) or adaptive (srlora_switch.AdaptiveSchedule, per layer)
     adapt_ratio: float = 0.1          # adaptive: switch when a layer's lowest score < adapt_ratio * its mean
     adapt_every: int = 10             # adaptive: steps between checks
     optimizer: str = "adamw"          # adamw (the paper's GLUE runs) or sgd (its ViT runs)
@@ -51,9 +45,28 @@ class TrainConfig:
     overwrite: bool = False           # replace an existing run folder
     device: str = "auto"              # auto: cuda when available
     amp: str = "off"                  # bf16: autocast (the paper's ViT runs used 16-bit mixed precision)
-    residual_dtype: str = "model"     # dtype of the frozen W and basis: model (its own, fp32 here) or bfloat16
     plots: bool = True                # PNG plots, when matplotlib is installed
     fsdp: bool = False                # under torchrun: shard each block and the model with FSDP2 (harness/parallel.py)
+
+
+# The SRLoRA flags are SRLoRAConfig's own fields, with its defaults, its checks and its comments as
+# --help, so they cannot drift from srlora.py.  Not flags: targets (a comma list above, defaulted by
+# each script) and init (set by the method: lora or pissa).
+SRLORA_FIELDS = tuple(f for f in dataclasses.fields(SRLoRAConfig) if f.name not in ("targets", "init"))
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig", [(f.name, f.type, dataclasses.field(default=f.default)) for f in SRLORA_FIELDS],
+    bases=(TrainFields,), namespace={"__doc__": "Settings both scripts share: TrainFields and SRLoRAConfig's "
+                                                "fields.  The scripts subclass it."})
+TrainConfig.__module__ = __name__
+
+
+def srlora_config(cfg, method: str) -> SRLoRAConfig:
+    """The SRLoRAConfig that `method` wraps the model with: the run's SRLoRA flags, targets,
+    init "lora" for LoRA and "pissa" otherwise, and r_target = r (no switches) unless SRLoRA."""
+    return SRLoRAConfig(**{**{f.name: getattr(cfg, f.name) for f in SRLORA_FIELDS},
+                           "targets": tuple(t.strip() for t in cfg.targets.split(",") if t.strip()),
+                           "init": "lora" if method == "lora" else "pissa",
+                           "r_target": cfg.r_target if method == "srlora" else cfg.r})
 
 
 METHODS = ("lora", "pissa", "srlora")
@@ -62,6 +75,8 @@ RESUMABLE_CHANGES = ("resume", "overwrite", "device", "plots", "log_every", "out
 
 
 def _parse_value(text: str, default, flag: str):
+    if default is None:                                # an optional name, e.g. --residual_dtype
+        return None if text.lower() in ("none", "model") else text
     if isinstance(default, bool):
         if text.lower() in ("1", "true", "yes", "on"):
             return True
@@ -109,7 +124,7 @@ def parse_config(cls, argv, presets: dict = None, preset_field: str = None):
 def field_comments(cls) -> dict:
     """{field: the comment on its line} for a config dataclass and its bases, read from the source."""
     comments = {}
-    for klass in reversed(cls.__mro__[:-1]):
+    for klass in (SRLoRAConfig, *reversed(cls.__mro__[:-1])):
         try:
             lines = inspect.getsource(klass).splitlines()
         except (OSError, TypeError):
@@ -162,38 +177,32 @@ def steps_for(epochs: float, n_train: int, batch_size: int, max_steps: int = 0) 
 
 
 def check_config(cfg):
+    """Every flag's check, before anything is written.  The SRLoRA fields and the switch rules are
+    checked by what receives them (SRLoRAConfig, SlotRule, switch_steps_within, AdaptiveSchedule)."""
     methods = method_list(cfg)
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise UserError(f"unknown method {bad[0]!r}; use --method or --methods with {', '.join(METHODS)}")
-    if cfg.r < 1:
-        raise UserError(f"--r={cfg.r} must be at least 1")
-    if cfg.r_target < cfg.r:
-        raise UserError(f"--r_target={cfg.r_target} is smaller than --r={cfg.r}; use r_target >= r "
-                        f"(r_target == r means PiSSA, no switches)")
-    if not 0.0 < cfg.gamma <= 1.0:
-        raise UserError(f"--gamma={cfg.gamma} is outside (0, 1]; it is the fraction of slots recycled per switch")
     for flag, value, allowed in (("optimizer", cfg.optimizer, ("adamw", "sgd")),
                                  ("schedule", cfg.schedule, ("linear", "cosine")),
-                                 ("reset", cfg.reset, ("recycled", "all")),
-                                 ("moments", cfg.moments, ("keep", "reset")),
-                                 ("score", cfg.score, ("paper", "relative")),
                                  ("switch_schedule", cfg.switch_schedule, ("fixed", "adaptive")),
-                                 ("amp", cfg.amp, ("off", "bf16")),
-                                 ("residual_dtype", cfg.residual_dtype, ("model", "float32", "bfloat16"))):
+                                 ("amp", cfg.amp, ("off", "bf16"))):
         if value not in allowed:
             raise UserError(f"--{flag}={value} is unknown; use one of {', '.join(allowed)}")
-    if not 0.0 < cfg.switch_stop <= 1.0 or not 0.0 < cfg.adapt_ratio <= 1.0 or cfg.adapt_every < 1:
-        raise UserError(f"--switch_stop={cfg.switch_stop}, --adapt_ratio={cfg.adapt_ratio} and "
-                        f"--adapt_every={cfg.adapt_every}: use values in (0, 1], (0, 1] and >= 1")
-    try:
-        check_grace(cfg.grace, n_recycle(cfg.r, cfg.gamma), cfg.r)
-    except ValueError as e:
-        raise UserError(f"--{e}") from None
     if cfg.max_steps < 1 or cfg.grad_accum < 1 or cfg.eval_every < 1 or cfg.log_every < 1:
         raise UserError("--max_steps, --grad_accum, --eval_every and --log_every must be at least 1")
     if not cfg.targets:
         raise UserError("--targets is empty; name the nn.Linear layers to adapt, e.g. --targets=query,value")
+    for flag, check in (("", lambda: srlora_config(cfg, "srlora")),      # each message starts with its field
+                        ("", lambda: SlotRule(cfg.score, cfg.grace).check(cfg.r, n_recycle(cfg.r, cfg.gamma))),
+                        ("switch_", lambda: switch_steps_within(cfg.max_steps, cfg.r, cfg.r_target, cfg.gamma,
+                                                                cfg.switch_stop)),
+                        ("adapt_", lambda: AdaptiveSchedule(cfg.max_steps, cfg.r, cfg.r_target, cfg.gamma,
+                                                            cfg.adapt_ratio, cfg.adapt_every))):
+        try:
+            check()
+        except ValueError as e:
+            raise UserError(f"--{flag}{e}") from None
 
 
 def method_list(cfg):

@@ -11,12 +11,13 @@ import torch
 import torch.distributed as dist
 
 from harness import parallel
-from harness.config import check_config, method_list
+from harness.config import check_config, method_list, srlora_config
 from harness.errors import NonFiniteError, UserError
 from harness.plots import plot_run
 from harness.rundir import Run, save_atomic, write_json
 from harness.schedule import Batches, lr_lambda, rng_state, seed_everything, set_rng_state, warmup_warning
-from srlora import AdaptiveSchedule, ImportanceTracker, apply_srlora, recompose, srlora_layers, switch_steps
+from srlora import ImportanceTracker, apply_srlora, recompose, srlora_layers
+from srlora_switch import AdaptiveSchedule, SlotRule, pair_norms, switch_steps_within
 
 
 # --- helpers of the training loop -----------------------------------------------------------
@@ -92,16 +93,12 @@ def prepare(cfg, method, build, head, device):
     """A fresh model for `method`: LoRA (Kaiming A, zero B), PiSSA (top-r SVD, no switches)
     or SRLoRA (PiSSA init, switches up to r_target); the head trains fully."""
     model = build(method).to(device)
-    r_target = cfg.r_target if method == "srlora" else cfg.r
     decompose = None
     if dist.is_initialized():                       # DDP or FSDP2: each weight's SVD once, on one rank
         from srlora_fsdp import spread_factors
         decompose = spread_factors
     try:
-        apply_srlora(model, targets=[t.strip() for t in cfg.targets.split(",")], r=cfg.r, alpha=cfg.alpha,
-                     r_target=r_target, gamma=cfg.gamma, init="lora" if method == "lora" else "pissa",
-                     residual_dtype=None if cfg.residual_dtype == "model" else cfg.residual_dtype,
-                     decompose=decompose)
+        apply_srlora(model, srlora_config(cfg, method), decompose=decompose)
     except ValueError as e:                         # bad r / targets: the same one line as other input errors
         raise UserError(str(e)) from None
     for name, p in model.named_parameters():
@@ -122,11 +119,12 @@ def train_method(cfg, method, model, run, *, n_train, make_batch, loss_fn, evalu
     else:
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    tracker = ImportanceTracker(model, cfg.beta1, cfg.beta2) if method == "srlora" else None
+    tracker = ImportanceTracker(model) if method == "srlora" else None       # beta1, beta2 from the config
+    rule = SlotRule(cfg.score, cfg.grace)                                      # the paper's Eq. (8) by default
     adaptive = AdaptiveSchedule(cfg.max_steps, cfg.r, cfg.r_target, cfg.gamma, cfg.adapt_ratio, cfg.adapt_every,
-                                stop=cfg.switch_stop, score=cfg.score, grace=cfg.grace) \
+                                stop=cfg.switch_stop, rule=rule) \
         if tracker and cfg.switch_schedule == "adaptive" else None
-    switches = set(switch_steps(cfg.max_steps, cfg.r, cfg.r_target, cfg.gamma, cfg.switch_stop)) \
+    switches = set(switch_steps_within(cfg.max_steps, cfg.r, cfg.r_target, cfg.gamma, cfg.switch_stop)) \
         if tracker and not adaptive else set()
     batches = Batches(n_train, cfg.batch_size, cfg.seed)
     best = {"dev_loss": math.inf, "step": 0, "dev": {}}
@@ -209,8 +207,7 @@ def train_method(cfg, method, model, run, *, n_train, make_batch, loss_fn, evalu
             layers = adaptive.due(step, tracker) if adaptive else None      # None: every layer
             if layers is None or layers:
                 before = switch_diagnostics(tracker)
-                for event in recompose(model, tracker, cfg.gamma, optimizer=opt, reset=cfg.reset, moments=cfg.moments,
-                                       score=cfg.score, grace=cfg.grace, layers=layers):
+                for event in recompose(model, tracker, opt, layers=layers, select=rule):
                     run.log({"event": "switch", "method": method, "step": step, **event, **before[event["layer"]]})
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             lr = sched.get_last_lr()[0]
@@ -244,7 +241,7 @@ def switch_diagnostics(tracker):
     that pick the recycled slots, and each pair's magnitude scaling * |B_k| |A_k| (its singular
     value when it was brought in).  Logged with the switch, so the dynamics can be read back."""
     return {name: {"scores": tracker.pair_scores(layer).tolist(),
-                   "norms": (layer.scaling * layer.pair_norms()).tolist()}
+                   "norms": (layer.scaling * pair_norms(layer)).tolist()}
             for name, layer in zip(tracker.names, tracker.layers)}
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from srlora import _local, srlora_layers
+from srlora import srlora_layers
 
 
 def launched_by_torchrun() -> bool:
@@ -81,7 +81,8 @@ def gradient_sync(module: nn.Module, sync: bool, fsdp: bool):
 
 def grad_norm(params, fsdp: bool) -> torch.Tensor:
     """The norm of all gradients together; under FSDP2 each rank holds a part, summed over the ranks."""
-    squares = torch.stack(torch._foreach_norm([_local(p.grad) for p in params if p.grad is not None])).square().sum()
+    grads = [p.grad.to_local() if fsdp else p.grad for p in params if p.grad is not None]   # DTensor: this rank's rows
+    squares = torch.stack(torch._foreach_norm(grads)).square().sum()
     if fsdp and dist.is_initialized():
         dist.all_reduce(squares)
     return squares.sqrt()

@@ -213,7 +213,7 @@ def train(model, inputs, labels, forward, steps=4, r=4, r_target=8, gamma=0.5):
             model.eval()
             with torch.no_grad():
                 before = forward(model, inputs)
-                events += recompose(model, tracker, gamma=gamma, optimizer=opt)
+                events += recompose(model, tracker, opt)
                 around_switch.append((before, forward(model, inputs)))
     model.eval()
     return events, around_switch

@@ -31,7 +31,7 @@ def test_config_errors_name_the_flag(tmp_path):
                              (dict(r=40), "r=40"), (dict(batch_size=10, grad_accum=4), "divisible"),
                              (dict(score="size"), "score"), (dict(grace=2), "grace=2"),
                              (dict(switch_stop=0.0), "switch_stop"), (dict(switch_schedule="often"), "switch_schedule"),
-                             (dict(residual_dtype="half"), "--residual_dtype=half")):
+                             (dict(residual_dtype="int8"), "--residual_dtype='int8'")):
         with pytest.raises(UserError, match=match):
             run(tmp_path, **overrides)
     assert not any(tmp_path.iterdir())                     # nothing was written

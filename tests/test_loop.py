@@ -95,7 +95,7 @@ def test_grad_accum_gives_the_importance_scores_of_one_big_batch(tmp_path):
         torch.testing.assert_close(four["model"][k], one["model"][k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("residual_dtype, stored", [("model", torch.float32), ("bfloat16", torch.bfloat16)])
+@pytest.mark.parametrize("residual_dtype, stored", [(None, torch.float32), ("bfloat16", torch.bfloat16)])
 def test_residual_dtype_flag_sets_the_stored_w_and_a_bf16_run_trains(tmp_path, residual_dtype, stored):
     cfg = ToyConfig(residual_dtype=residual_dtype)
     model = loop.prepare(cfg, "srlora", lambda method: Toy(), ("classifier",), torch.device("cpu"))

@@ -1,4 +1,4 @@
-"""SRLoRA on Hugging Face and timm models: the paper's targets (srlora_export.PAPER_TARGETS) on
+"""SRLoRA on Hugging Face and timm models: the paper's targets (srlora.PAPER_TARGETS) on
 each family, outputs kept through wrapping, switches and merging, and the exports loaded back,
 by PEFT too.
 
@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 
 from srlora import apply_srlora, merge_srlora, srlora_layers
-from srlora_export import PAPER_TARGETS, export_lora_adapter, export_merged, merged_state_dict
+from srlora import PAPER_TARGETS
+from srlora_export import export_lora_adapter, export_merged, merged_state_dict
 from tests.helpers import adapter_file, assert_same_outputs, load_tensors, train
 
 

@@ -12,7 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from srlora import (AdaptiveSchedule, ImportanceTracker, apply_srlora, merge_srlora, recompose, srlora_layers,
+from srlora_precision import compensate
+from srlora_switch import AdaptiveSchedule, SlotRule
+from srlora import (ImportanceTracker, apply_srlora, merge_srlora, recompose, srlora_layers,
                     switch_steps)
 from tests.helpers import Net
 
@@ -21,50 +23,50 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built wit
 STEPS, GAMMA = 12, 0.5
 
 
-def build(kind):
+def build(kind, config=None):
     """(model, its blocks, SRLoRA settings, batches (STEPS, 8 examples, ...), loss(model, batch)).
-    "net16": the net in bf16 with a bf16 residual and compensate=True."""
+    "net16": the net in bf16 with a bf16 residual and srlora_precision.compensate.  config: SRLoRAConfig fields."""
+    config = config or {}
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     if kind in ("net", "net16"):                   # r' = 2: three switches, at steps 4, 8 and 12
         dtype = torch.bfloat16 if kind == "net16" else torch.float32
         X = torch.randn(STEPS, 8, 11, generator=g).to(dtype)
         Y = (X[..., 0] > 0).long() + (X[..., 1] > 0.5).long()
-        model = apply_srlora(Net().to(dtype), targets=("up", "down"), r=3, r_target=9, gamma=GAMMA,
-                             compensate=kind == "net16")
+        model = apply_srlora(Net().to(dtype), targets=("up", "down"), r=3, r_target=9, gamma=GAMMA, **config)
+        model = compensate(model) if kind == "net16" else model
         loss = lambda m, b: F.cross_entropy(m(b[0]).float(), b[1])
         return model, model.blocks, (3, 9), list(zip(X, Y)), loss
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=44, num_hidden_layers=2,
+    llama = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=44, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
     ids = torch.randint(0, 50, (STEPS, 8, 10), generator=g)
-    model = apply_srlora(transformers.LlamaForCausalLM(config), r=4, r_target=12, gamma=GAMMA,
+    model = apply_srlora(transformers.LlamaForCausalLM(llama), r=4, r_target=12, gamma=GAMMA, **config,
                          targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
     return model, model.model.layers, (4, 12), list(ids), lambda m, b: m(input_ids=b, labels=b).loss
 
 
-def train(kind, rank=0, world=1, basis=False, options=None, save=None, resume=None, adaptive=False):
-    """The run; with world > 1 under FSDP2 and every rank on its half of each batch.  save=(step, folder)
-    writes a sharded checkpoint after that step; resume=folder starts from one.  adaptive: each layer
-    switches when AdaptiveSchedule says so, instead of at the fixed steps.
+def train(kind, rank=0, world=1, config=None, rule=None, save=None, resume=None, adaptive=False):
+    """The run; with world > 1 under FSDP2 and every rank on its half of each batch.  config: SRLoRAConfig
+    fields; rule: SlotRule arguments.  save=(step, folder) writes a sharded checkpoint after that step;
+    resume=folder starts from one.  adaptive: each layer switches when AdaptiveSchedule says so.
     Returns (events, losses, effective weights, bytes of W, U, Vh and weight_error held by this rank)."""
-    model, blocks, (r, r_target), batches, loss_fn = build(kind)
-    options = options or {}
+    model, blocks, (r, r_target), batches, loss_fn = build(kind, config)
+    rule = SlotRule(**(rule or {}))
     if world > 1:
         from torch.distributed.fsdp import fully_shard
         from srlora_fsdp import shard_basis
         for block in blocks:
             fully_shard(block)
         fully_shard(model)
-        if basis:
-            shard_basis(model)
+        shard_basis(model)
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t
     held = sum(local(t).numel() * t.element_size() for _, l in srlora_layers(model)
-               for t in (l.weight, l.U, l.Vh, l.weight_error) if t is not None)
+               for t in (l.weight, l.U, l.Vh, getattr(l, "weight_error", None)) if t is not None)
     tracker = ImportanceTracker(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     switches = switch_steps(STEPS, r, r_target, GAMMA)
-    schedule = AdaptiveSchedule(STEPS, r, r_target, GAMMA, ratio=0.7, every=2) if adaptive else None
+    schedule = AdaptiveSchedule(STEPS, r, r_target, GAMMA, ratio=0.7, every=2, rule=rule) if adaptive else None
     events, losses, start = [], [], 0
     if resume:
         from srlora_fsdp import load_checkpoint
@@ -86,7 +88,7 @@ def train(kind, rank=0, world=1, basis=False, options=None, save=None, resume=No
         losses.append(loss.item())
         due = schedule.due(step, tracker) if schedule else None if step in switches else []
         if due is None or due:
-            events.append(recompose(model, tracker, GAMMA, optimizer=optimizer, layers=due, **options))
+            events.append(recompose(model, tracker, optimizer, layers=due, select=rule))
         if save and step == save[0]:
             from srlora_fsdp import save_checkpoint
             save_checkpoint(save[1], model, optimizer, tracker, step)
@@ -120,30 +122,29 @@ def close(a, b, rel=1e-5):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,basis,options", [
-    ("net", False, dict(moments="reset", reset="all")),
-    ("net", True, dict(score="relative")),
-    ("net16", True, {}),
-    ("llama", True, {})])
-def test_two_fsdp_ranks_switch_train_and_end_like_one_process(tmp_path, kind, basis, options):
-    events, losses, weights, held_one = train(kind, options=options)
-    [ranks] = two_ranks(tmp_path, dict(kind=kind, basis=basis, options=options))
+@pytest.mark.parametrize("kind,config,rule", [
+    ("net", dict(moments="reset", reset="all"), {}),
+    ("net", {}, dict(score="relative")),
+    ("net16", {}, {}),
+    ("llama", {}, {})])
+def test_two_fsdp_ranks_switch_train_and_end_like_one_process(tmp_path, kind, config, rule):
+    events, losses, weights, held_one = train(kind, config=config, rule=rule)
+    [ranks] = two_ranks(tmp_path, dict(kind=kind, config=config, rule=rule))
     assert len(events) >= 3 and all(len(e) == len(weights) for e in events)  # every layer switched each time
     for r_events, r_losses, r_weights, _ in ranks:
         assert r_events == events                                    # the same slots, fused out and brought in
         assert all(close(a, b) for a, b in zip(r_losses, losses)), (r_losses, losses)
         for name, w in weights.items():
             torch.testing.assert_close(r_weights[name], w, rtol=1e-5, atol=1e-6)
-    held = [h for *_, h in ranks]
-    if basis:        # W, U, Vh and weight_error cut in two (S, r_target - r numbers per layer, stays whole on both)
-        assert sum(held) == held_one and max(held) <= 0.6 * held_one
+    held = [h for *_, h in ranks]   # W, U, Vh and weight_error cut in two (S, r_target - r numbers, whole on both)
+    assert sum(held) == held_one and max(held) <= 0.6 * held_one
 
 
 @pytest.mark.slow
 def test_run_resumed_from_a_sharded_checkpoint_after_a_switch_ends_as_the_uninterrupted_one(tmp_path):
     folder = str(tmp_path / "checkpoint")                    # after step 6: one switch (step 4) behind it
-    whole, resumed = two_ranks(tmp_path, dict(kind="net", basis=True, save=(6, folder)),   # fresh model,
-                               dict(kind="net", basis=True, resume=folder))             # optimizer, tracker
+    whole, resumed = two_ranks(tmp_path, dict(kind="net", save=(6, folder)),   # fresh model,
+                               dict(kind="net", resume=folder))             # optimizer, tracker
     for (events, losses, weights, _), (r_events, r_losses, r_weights, _) in zip(whole, resumed):
         assert r_events == events[1:] and r_losses == losses[6:]
         for name, w in weights.items():
@@ -158,7 +159,7 @@ def test_run_resumed_from_a_sharded_checkpoint_after_a_switch_ends_as_the_uninte
 @pytest.mark.slow
 def test_adaptive_schedule_on_two_fsdp_ranks_switches_the_same_layers_as_one_process(tmp_path):
     events, losses, weights, _ = train("net", adaptive=True)
-    [ranks] = two_ranks(tmp_path, dict(kind="net", basis=True, adaptive=True))
+    [ranks] = two_ranks(tmp_path, dict(kind="net", adaptive=True))
     assert len(events) >= 3 and any(len(e) < len(weights) for e in events)   # some checks switched only some layers
     for r_events, r_losses, r_weights, _ in ranks:
         assert r_events == events and all(close(a, b) for a, b in zip(r_losses, losses))
@@ -225,6 +226,10 @@ def test_a_tracker_created_before_fully_shard_fails_with_a_one_line_error(one_ra
     with pytest.raises(RuntimeError, match=r"^ImportanceTracker: blocks.0.up.lora_A / lora_B are not the tensors "
                                            r".*create the tracker after fully_shard\(model\)$"):
         before.update()
+    with pytest.raises(ValueError, match=r"^blocks.0.up is sharded by fully_shard; call srlora_fsdp.shard_basis"):
+        ImportanceTracker(model)                                       # the sharded recycle() is not installed yet
+    from srlora_fsdp import shard_basis
+    shard_basis(model)
     ImportanceTracker(model).update()                                  # one made after fully_shard works
 
 
@@ -241,7 +246,7 @@ def test_merge_srlora_on_a_sharded_model_fails_and_the_unsharded_copy_it_names_m
     F.cross_entropy(model(x), torch.tensor([0, 1, 2, 0])).backward()
     tracker.update()
     optimizer.step()
-    assert recompose(model, tracker, GAMMA, optimizer=optimizer)
+    assert recompose(model, tracker, optimizer)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     torch.manual_seed(0)
     copy = apply_srlora(Net(), targets=("up", "down"), r=3, r_target=9)     # the model as before fully_shard

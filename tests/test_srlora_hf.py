@@ -13,7 +13,7 @@ import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
 from srlora import SRLoRALinear, apply_srlora, srlora_layers
-from srlora_export import PAPER_TARGETS
+from srlora import PAPER_TARGETS
 from srlora_hf import TRACKER_FILE          # importing srlora_hf needs no transformers; SRLoRACallback does
 from tests.helpers import ROOT
 
@@ -100,7 +100,7 @@ def train(out, max_steps=24, batch=4, accumulation=2, resume=False, optim="adamw
     model = model or apply_srlora(tiny_llama(0), targets=PAPER_TARGETS["llama"], r=R, r_target=R_TARGET)
     import transformers
     from srlora_hf import SRLoRACallback
-    callback = SRLoRACallback(gamma=0.5)
+    callback = SRLoRACallback()
     args = transformers.TrainingArguments(
         str(out), max_steps=max_steps, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
         learning_rate=1e-3, optim=optim, save_strategy="steps", save_steps=save_steps, logging_steps=1000,

@@ -310,7 +310,7 @@ BAD_INPUT = {
     "unknown method": (lambda t, tmp: dict(method="dora"), "unknown method 'dora'"),
     "r < 1": (lambda t, tmp: dict(r=0), "--r=0 must be at least 1"),
     "r > min(m, n)": (lambda t, tmp: dict(r=17, r_target=32), "r=17 must be between 1 and min(out, in)=16"),
-    "r_target < r": (lambda t, tmp: dict(r_target=1), "--r_target=1 is smaller than --r=2"),
+    "r_target < r": (lambda t, tmp: dict(r_target=1), "--r_target=1 is smaller than r=2"),
     "gamma 0": (lambda t, tmp: dict(gamma=0), "--gamma=0.0 is outside (0, 1]"),
     "gamma > 1": (lambda t, tmp: dict(gamma=1.5), "--gamma=1.5 is outside (0, 1]"),
     "targets match nothing": (lambda t, tmp: dict(targets="qkv"), "targets=['qkv'] match no nn.Linear"),
