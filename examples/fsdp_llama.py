@@ -1,4 +1,4 @@
-"""SRLoRA on a Llama-class model sharded with FSDP2: the README's recipe, on a tiny random Llama.
+"""SRLoRA on a Llama-class model sharded with FSDP2: docs/FSDP.md's recipe, on a tiny random Llama.
 
     torchrun --nproc_per_node=2 examples/fsdp_llama.py
 
@@ -15,7 +15,7 @@ from torch.distributed.fsdp import fully_shard
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repo root
-from srlora import ImportanceTracker, apply_srlora, recompose, switch_steps  # noqa: E402
+from srlora import PAPER_TARGETS, ImportanceTracker, apply_srlora, recompose, switch_steps  # noqa: E402
 from srlora_fsdp import load_checkpoint, save_checkpoint, shard_basis, spread_factors  # noqa: E402
 
 CKPT = "runs/fsdp_llama/ckpt"
@@ -27,8 +27,8 @@ model = transformers.LlamaForCausalLM(config)         # in place of AutoModelFor
 total_steps, r, r_target, gamma = 16, 8, 32, 0.5
 
 # 1. SRLoRA on the whole model, before sharding; each weight's SVD on one rank only
-model = apply_srlora(model, r=r, r_target=r_target, gamma=gamma, decompose=spread_factors,
-                     targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+model = apply_srlora(model, targets=PAPER_TARGETS["llama"], r=r, r_target=r_target, gamma=gamma,
+                     decompose=spread_factors)
 # 2. FSDP2: one unit per decoder layer, then the rest; the SVD basis cut like the weights
 for layer in model.model.layers:
     fully_shard(layer)
