@@ -19,6 +19,7 @@ from srlora_hf import SRLoRACallback
 torch.manual_seed(0)
 config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2)
+# apply_srlora freezes everything but the adapters (lora_A, lora_B): the Trainer trains those alone
 model = apply_srlora(LlamaForCausalLM(config), targets=PAPER_TARGETS["llama"], r=4, r_target=8, gamma=0.5)
 ds = [{"input_ids": x, "labels": x} for x in torch.randint(0, 256, (64, 16))]
 args = TrainingArguments("runs/hf_trainer", max_steps=8, per_device_train_batch_size=8, gradient_accumulation_steps=2,

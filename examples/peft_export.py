@@ -11,6 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repo root, when srlora is not installed
 
 import copy
+from pathlib import Path
 
 import torch
 from peft import PeftModel
@@ -24,7 +25,7 @@ config = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_att
                     intermediate_size=128, num_labels=2)
 base = BertForSequenceClassification(config).eval()              # or .from_pretrained("bert-base-uncased")
 model = apply_srlora(copy.deepcopy(base), targets=PAPER_TARGETS["bert"], r=8, r_target=16)  # keep base: it holds W0
-model.classifier.requires_grad_(True)                            # apply_srlora froze it with the rest
+model.classifier.requires_grad_(True)                            # apply_srlora froze all but the adapters
 tracker = ImportanceTracker(model)
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0)
 ids, y = torch.randint(0, 128, (8, 16)), torch.randint(0, 2, (8,))

@@ -2,7 +2,7 @@
 
     python examples/quickstart.py
 
-Torch only; about a second on one CPU thread.  A frozen two-layer network (standing in for a
+Torch only; a few seconds on one CPU thread.  A frozen two-layer network (standing in for a
 pretrained one) learns a changed target; its two linear maps carry SRLoRA adapters.
 """
 import sys
@@ -22,7 +22,8 @@ layer = SRLoRALinear(linear, r=8, alpha=8, r_target=32)
 x = torch.randn(4, 64)
 print(f"one layer, wrapped: max |change| {(layer(x) - linear(x)).abs().max().item():.0e}")
 
-# a whole model: every nn.Linear whose name ends with a target; everything else is frozen
+# a whole model: apply_srlora wraps every nn.Linear whose name ends with a target and freezes
+# everything but the adapters (lora_A, lora_B); unfreeze a new head yourself
 model = nn.Sequential()
 model.add_module("up", nn.Linear(64, 128))
 model.add_module("act", nn.Tanh())

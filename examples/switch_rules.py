@@ -24,7 +24,7 @@ def train(schedule=None, switches=(), rule=None, total_steps=200):
     model.add_module("act", nn.Tanh())
     model.add_module("down", nn.Linear(128, 16))
     target = nn.Linear(64, 16)
-    apply_srlora(model, targets=["up", "down"], r=8, alpha=8, r_target=32, gamma=0.5)
+    apply_srlora(model, targets=["up", "down"], r=8, alpha=8, r_target=32, gamma=0.5)  # freezes all but the adapters
     tracker = ImportanceTracker(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0)
     n_switches = 0
