@@ -1,22 +1,23 @@
-"""SRLoRA on a Llama-class model sharded with FSDP2: the README's recipe, on a tiny random Llama.
+"""SRLoRA on a Llama-class model sharded with FSDP2: docs/FSDP.md's recipe, on a tiny random Llama.
 
     torchrun --nproc_per_node=2 examples/fsdp_llama.py
 
 Run so far on CPU with gloo only, never on GPUs.  Checkpoints go to runs/fsdp_llama/; a second run
 resumes from them (and, with all steps done, has nothing left to do).
 """
-import os
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repo root, when srlora is not installed
+
+import os
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 import transformers
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repo root
-from srlora import ImportanceTracker, apply_srlora, recompose, switch_steps  # noqa: E402
-from srlora_fsdp import load_checkpoint, save_checkpoint, shard_basis, spread_factors  # noqa: E402
+from srlora import PAPER_TARGETS, ImportanceTracker, apply_srlora, recompose, switch_steps
+from srlora_fsdp import load_checkpoint, save_checkpoint, shard_basis, spread_factors
 
 CKPT = "runs/fsdp_llama/ckpt"
 dist.init_process_group("gloo")                       # "nccl" on GPUs (untested)
@@ -26,9 +27,10 @@ config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_si
 model = transformers.LlamaForCausalLM(config)         # in place of AutoModelForCausalLM.from_pretrained(...)
 total_steps, r, r_target, gamma = 16, 8, 32, 0.5
 
-# 1. SRLoRA on the whole model, before sharding; each weight's SVD on one rank only
-model = apply_srlora(model, r=r, r_target=r_target, gamma=gamma, decompose=spread_factors,
-                     targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+# 1. SRLoRA on the whole model, before sharding; each weight's SVD on one rank only.
+#    apply_srlora freezes everything but the adapters (lora_A, lora_B)
+model = apply_srlora(model, targets=PAPER_TARGETS["llama"], r=r, r_target=r_target, gamma=gamma,
+                     decompose=spread_factors)
 # 2. FSDP2: one unit per decoder layer, then the rest; the SVD basis cut like the weights
 for layer in model.model.layers:
     fully_shard(layer)
