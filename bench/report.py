@@ -129,7 +129,7 @@ def bf16_section(d, name):
            "| parameters + buffers | MiB | / PEFT LoRA | target |", "|---|---|---|---|"]
     for k, what in (("base", "the bf16 block alone"), ("peft_lora", "PEFT LoRA"),
                     ("srlora", "SRLoRA, default (bf16 W and basis)"),
-                    ("srlora_compensate", "SRLoRA, compensate=True"),
+                    ("srlora_compensate", "SRLoRA, compensate(model)"),
                     ("srlora_fp32_residual", 'SRLoRA, residual_dtype="float32"')):
         if k in mem:
             ratio = d.get("memory_ratios", {}).get(f"{k}/peft_lora", "")
