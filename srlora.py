@@ -158,9 +158,9 @@ class SRLoRALinear(nn.Linear):
 
     def __init__(self, base: nn.Linear, config: SRLoRAConfig = None, factors=None, **overrides):
         cfg = dataclasses.replace(config or SRLoRAConfig(), **overrides)
-        if not isinstance(base, nn.Linear) and not is_conv1d(base):
+        if isinstance(base, SRLoRALinear) or not isinstance(base, nn.Linear) and not is_conv1d(base):
             raise ValueError(f"SRLoRALinear wraps an nn.Linear or a transformers Conv1D, got "
-                             f"{type(base).__name__}; choose targets that name such modules")
+                             f"{type(base).__name__}; choose targets that name such modules, once")
         m, n = _out_in_weight(base).shape
         r, d = cfg.r, min(m, n)
         if r > d:
@@ -326,8 +326,9 @@ class ImportanceTracker:
         """One EMA step of Eq. (3)-(5) for every adapter whose .grad is set."""
         self._check_current()
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
-        if not live:
-            return
+        if not live:        # after zero_grad(), or adapters frozen (by another wrapper): a silent no-op otherwise
+            raise RuntimeError("ImportanceTracker.update(): no lora_A / lora_B has a gradient; call it after "
+                               "loss.backward() and before optimizer.zero_grad(), with the adapters trainable")
         ibar, ubar = [self.ibar[i] for i in live], [self.ubar[i] for i in live]
         sens = torch._foreach_mul([self.params[i] for i in live], [self.params[i].grad for i in live])
         torch._foreach_abs_(sens)                                            # Eq. (3)  I = |w * dL/dw|
@@ -412,18 +413,17 @@ def recompose(model: nn.Module, tracker: ImportanceTracker, optimizer=None, laye
              recycle (lowest_scores by default; srlora_switch.py has others).
     Returns one record per layer that switched: layer name, slots, indices fused out and brought in.
     """
-    if optimizer is not None and not hasattr(optimizer, "state"):
-        raise TypeError(f"recompose(model, tracker, optimizer): got {optimizer!r} for the optimizer; "
-                        f"gamma, reset and moments now come from the SRLoRAConfig given to apply_srlora")
     events = []
-    for name, layer in srlora_layers(model):
-        if layers is not None and name not in layers:
-            continue
-        cfg = layer.config
-        slots = (select or lowest_scores)(tracker, layer, n_recycle(layer.r, cfg.gamma))   # Eq. (8)
+    for name, layer in _checked(model, tracker, optimizer):
+        cfg, k = layer.config, n_recycle(layer.r, layer.config.gamma)
+        if layers is not None and name not in layers or layer.next_index + k > layer.r_target:
+            continue                                                   # not asked for, or exhausted
+        finite, zero = torch.stack([(s := tracker.pair_scores(layer)).isfinite().all(), (s == 0).all()]).tolist()
+        if not finite or zero:
+            raise ValueError(f"recompose: {name}'s pair scores are {'not finite' if not finite else 'all 0'}; "
+                             f"call tracker.update() after each loss.backward(), with finite gradients")
+        slots = (select or lowest_scores)(tracker, layer, k)                               # Eq. (8)
         event = layer.recycle(slots)                                                      # Eq. (9)-(12)
-        if event is None:
-            continue
         tracker.reset(layer, slots if cfg.reset == "recycled" else None)
         if optimizer is not None:
             keys = FIRST_MOMENTS + (SECOND_MOMENTS if cfg.moments == "reset" else ())
@@ -434,6 +434,24 @@ def recompose(model: nn.Module, tracker: ImportanceTracker, optimizer=None, laye
         events.append({"layer": name, "slots": slots.tolist(),
                        "fused_out": event["fused_out"].tolist(), "brought_in": event["brought_in"]})
     return events
+
+
+def _checked(model, tracker, optimizer) -> list:
+    """srlora_layers(model), once each misuse that would otherwise pass silently is ruled out."""
+    if optimizer is not None and not hasattr(optimizer, "param_groups"):
+        raise TypeError(f"recompose(model, tracker, optimizer): got {optimizer!r} for the optimizer; "
+                        f"gamma, reset and moments come from the SRLoRAConfig given to apply_srlora")
+    named = srlora_layers(model)
+    held = None if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for name, layer in named:
+        if id(layer) not in tracker.index:
+            raise ValueError(f"recompose: {name} is not a layer of the tracker's model; use ImportanceTracker(model)")
+        if held is not None and id(layer.lora_A) not in held:
+            raise ValueError(f"recompose: the optimizer does not hold {name}.lora_A; build it after apply_srlora "
+                             f"(and fully_shard), from the parameters that require grad")
+    if not named:
+        raise ValueError(f"recompose: {type(model).__name__} has no SRLoRALinear layers; call apply_srlora first")
+    return named
 
 
 def switch_steps(total_steps: int, r: int, r_target: int, gamma: float) -> list:
@@ -500,6 +518,8 @@ def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, decompose=None, 
             raise ValueError(f"{name}.weight is tied to {tied[0]}; wrapping it would untie them, so "
                              f"choose targets that do not match {name!r}")
     model.requires_grad_(False)
+    for _, layer in srlora_layers(model):                 # a second call keeps the first call's adapters trainable
+        layer.lora_A.requires_grad_(True), layer.lora_B.requires_grad_(True)
     names = [name for name, _ in found]
     factors = (decompose or pissa_factors)(model, names, cfg) if cfg.init == "pissa" else {}
     for name, m in found:

@@ -530,8 +530,66 @@ def test_bad_switch_arguments_raise_clear_errors():
     tracker = ImportanceTracker(model)
     with pytest.raises(ValueError, match="gamma"):
         switch_steps(100, 8, 32, 1.01)
-    with pytest.raises(TypeError, match="gamma, reset and moments now come from the SRLoRAConfig"):
+    with pytest.raises(TypeError, match="gamma, reset and moments come from the SRLoRAConfig"):
         recompose(model, tracker, 0.5)                        # the signature before the config held gamma
+
+
+# --- misuse that would otherwise pass silently ----------------------------------------------
+
+def backward(model, seed=0, scale=1.0):
+    torch.manual_seed(seed)
+    (scale * model(torch.randn(8, 12)).pow(2).mean()).backward()
+
+
+def test_tracker_update_without_gradients_is_an_error_not_a_no_op():
+    model = apply_srlora(Net(), targets=["query", "value"], r=2, r_target=6)
+    tracker = ImportanceTracker(model)
+    with pytest.raises(RuntimeError, match=r"^ImportanceTracker.update\(\): no lora_A / lora_B has a gradient"):
+        tracker.update()                                      # before any backward
+    backward(model)
+    tracker.update()
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="before optimizer.zero_grad"):
+        tracker.update()                                      # after zero_grad
+
+
+@pytest.mark.parametrize("scale, what", [(0.0, "all 0"), (float("nan"), "not finite")])
+def test_recompose_refuses_scores_that_carry_no_ranking(scale, what):
+    model = apply_srlora(Net(), targets=["query", "value"], r=2, r_target=6)
+    tracker = ImportanceTracker(model)
+    with pytest.raises(ValueError, match="query's pair scores are all 0"):
+        recompose(model, tracker)                             # no update() yet: every score is 0
+    backward(model, scale=scale)                              # zero gradients, or NaN ones
+    tracker.update()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=f"query's pair scores are {what}; call tracker.update"):
+        recompose(model, tracker)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if torch.is_tensor(v))
+
+
+def test_recompose_refuses_an_optimizer_without_the_adapters_and_another_models_tracker():
+    model = apply_srlora(Net(), targets=["query", "value"], r=2, r_target=6)
+    tracker = ImportanceTracker(model)
+    backward(model)
+    tracker.update()
+    early = torch.optim.AdamW(Net().parameters())            # built before apply_srlora: other tensors
+    with pytest.raises(ValueError, match=r"the optimizer does not hold query.lora_A; build it after apply_srlora"):
+        recompose(model, tracker, early)
+    other = apply_srlora(Net(), targets=["query", "value"], r=2, r_target=6)
+    with pytest.raises(ValueError, match="query is not a layer of the tracker's model"):
+        recompose(other, tracker)
+    with pytest.raises(ValueError, match="Net has no SRLoRALinear layers"):
+        recompose(Net(), tracker)
+    assert recompose(model, tracker, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
+
+
+def test_wrapping_twice_keeps_the_first_adapters_and_never_wraps_an_adapter():
+    model = apply_srlora(Net(), targets=["query"], r=2, r_target=6)
+    apply_srlora(model, targets=["value"], r=2, r_target=6)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"query.lora_A", "query.lora_B", "value.lora_A", "value.lora_B"}
+    with pytest.raises(ValueError, match="got SRLoRALinear"):
+        SRLoRALinear(model.query, r=2, r_target=6)
 
 
 def test_non_linear_modules_that_match_a_target_are_left_alone_with_a_warning_naming_them():

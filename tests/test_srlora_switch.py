@@ -69,6 +69,7 @@ def test_a_refilled_slot_is_not_recycled_within_its_grace_switches(r, gamma, gra
     model = wrap(layer)
     tracker = ImportanceTracker(model)
     if (grace + 1) * k > r:
+        randomize_scores(tracker, seed)
         with pytest.raises(ValueError, match="grace"):
             recompose(model, tracker, select=SlotRule(grace=grace))
         return
