@@ -11,6 +11,8 @@ from collections import Counter
 
 import numpy as np
 
+from harness.plots import active_intervals, is_ffn  # noqa: F401  the run's own plots read the log the same way
+
 
 def switches_by_layer(records, method="srlora"):
     """{layer: its switch events in step order}."""
@@ -94,29 +96,3 @@ def score_gaps(records):
             ys += list(np.log(s) - np.log(s).mean())
     slope = float(np.polyfit(xs, ys, 1)[0]) if len(xs) > 2 else float("nan")
     return np.array(raw), np.array(per_mag2), np.array(mag), slope
-
-
-def active_intervals(records, r, method="srlora"):
-    """{layer: {singular index: steps it was active}} from a run's log records, for layers that switched.
-
-    Slots 0..r-1 start on indices 0..r-1 at step 0; a switch at step t ends the fused-out indices
-    and starts the brought-in ones; whatever is active at the end runs to the last step."""
-    switches = [e for e in records if e.get("event") == "switch" and e["method"] == method]
-    end = max((e["step"] for e in records if e.get("event") == "train" and e["method"] == method), default=0)
-    start, length = {}, {}
-    for e in switches:
-        layer = e["layer"]
-        start.setdefault(layer, dict.fromkeys(range(r), 0))
-        for old, new in zip(e["fused_out"], e["brought_in"]):
-            length.setdefault(layer, {})[old] = e["step"] - start[layer].pop(old)
-            start[layer][new] = e["step"]
-    for layer, active in start.items():
-        for k, s in active.items():
-            length.setdefault(layer, {})[k] = end - s
-    return {layer: dict(sorted(v.items())) for layer, v in length.items()}
-
-
-def is_ffn(layer_name: str) -> bool:
-    """Feed-forward maps (BERT intermediate/output, ViT fc1/fc2) as opposed to attention maps."""
-    return any(k in layer_name for k in ("intermediate", "fc1", "fc2", "mlp", "ffn")) or (
-        layer_name.endswith("output.dense") and "attention" not in layer_name)

@@ -2,6 +2,7 @@
 import numpy as np
 
 import dynamics
+from harness.plots import plot_intervals  # noqa: F401  Fig. 4 and 5, the same as a run's --plots
 from stats import mean_sd
 from suites import ABLATION_GROUPS, ABLATION_LABELS, DEFAULT
 
@@ -40,36 +41,6 @@ def plot_losses(runs, path, title, methods):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def plot_intervals(intervals, fig5_path, fig4_path):
-    """Fig. 5 (how long each singular index of one middle layer stayed active) and Fig. 4 (the
-    variance of those lengths per layer, attention vs feed-forward), from dynamics.active_intervals().
-    Returns the layer drawn in Fig. 5 and {layer: variance}."""
-    plt = pyplot()
-    layers = list(intervals)
-    layer = layers[len(layers) // 2]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(list(intervals[layer]), list(intervals[layer].values()), color="tab:orange")
-    ax.set(xlabel="singular index (descending singular value)", ylabel="steps active",
-           title=f"Active intervals of {layer} (cf. paper Fig. 5)")
-    fig.tight_layout()
-    fig.savefig(fig5_path, dpi=120)
-    plt.close(fig)
-
-    var = {l: float(np.var(list(v.values()))) for l, v in intervals.items()}
-    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(layers)), 4))
-    ax.bar(range(len(layers)), [var[l] for l in layers],
-           color=["tab:green" if dynamics.is_ffn(l) else "tab:blue" for l in layers])
-    ax.set_xticks(range(len(layers)), [l.removeprefix("bert.").replace("encoder.layer.", "L").replace("blocks.", "B")
-                                       for l in layers], rotation=90, fontsize=6)
-    ax.set(ylabel="variance of active-interval length", title="Per-layer interval variance (cf. paper Fig. 4)")
-    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:blue", "tab:green")],
-              labels=["attention", "feed-forward"], loc="lower right", framealpha=0.9)
-    fig.tight_layout()
-    fig.savefig(fig4_path, dpi=120)
-    plt.close(fig)
-    return layer, var
 
 
 def plot_ablations(runs, metric, path):

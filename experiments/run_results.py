@@ -17,8 +17,8 @@ Extra flags after `--` go to every training run (e.g. `-- --data_dir=glue/RTE --
 """
 import argparse
 
-from report import write_report
-from suites import SUITES, run_suite
+from suites import SUITES, run_suite     # first: it puts the repository root (srlora, harness) on the path
+from report import write_report  # noqa: E402
 
 
 def main():
