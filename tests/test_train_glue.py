@@ -203,9 +203,10 @@ def script(*argv, timeout=120, env=ENV):
 
 
 def snapshot(folder):
-    """{path: sha256 of its bytes, or "dir"} for everything under folder."""
+    """{path: sha256 of its bytes, or "dir"} for everything under folder but the lock files, which
+    hold the pid of the last process that locked the run (a refused --resume locks it to read it)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(Path(folder).rglob("*"))}
+            for p in sorted(Path(folder).rglob("*")) if p.name != ".lock"}
 
 
 def test_the_tiny_run_switches_checkpoints_and_writes_its_outputs(tiny):
