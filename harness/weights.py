@@ -5,6 +5,7 @@ non-finite one."""
 import json
 import os
 import pickle
+import re
 import struct
 
 import numpy as np
@@ -134,9 +135,11 @@ def read_checkpoint(path, map_location=None) -> dict:
         with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        what = str(e).split("Unsupported global: ")[-1].split()[:2]
-        raise UserError(f"{path}: holds objects other than tensors and the RNG state "
-                        f"({' '.join(what).rstrip('.')}); refusing to load it, it could run code") from None
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+        if not found:
+            raise UserError(f"{path}: unreadable (not a torch checkpoint); the file is damaged") from None
+        raise UserError(f"{path}: holds objects other than tensors and the RNG state ({found.group(1)}); "
+                        f"refusing to load it, since unpickling it could run code") from None
     except Exception as e:
         raise UserError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                         f"the file is damaged") from None
