@@ -300,7 +300,7 @@ def _corrupt_gzip(t):
     write_mnist_idx(d, tiny_mnist(16, 0), tiny_mnist(8, 1))
     gz = d / "train-images-idx3-ubyte.gz"
     raw = bytearray(gz.read_bytes())
-    raw[20:40] = b"\xff" * 20                              # a valid gzip header, a broken deflate stream
+    raw[10:30] = b"\xff" * 20                              # a valid gzip header, a broken deflate stream (zlib.error)
     gz.write_bytes(bytes(raw))
     return d
 
