@@ -93,7 +93,7 @@ def first_non_finite(state: dict, fsdp: bool):
     """The name of the first floating tensor of `state` holding NaN or inf, or None; under FSDP2
     each rank checks its rows and the ranks agree, so that all of them stop or none."""
     names = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()]
-    local = [state[k].to_local() if fsdp else state[k] for k in names]
+    local = [state[k].to_local() if hasattr(state[k], "to_local") else state[k] for k in names]   # DTensor: its rows
     finite = torch.stack([torch.isfinite(t).all() for t in local]) if local else torch.ones(0, dtype=torch.bool)
     if fsdp and dist.is_initialized():
         finite = finite.to(torch.uint8)
