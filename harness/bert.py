@@ -12,7 +12,6 @@ Module names mirror the Hugging Face checkpoints (`encoder.layer.0.attention.sel
 so their keys load as they are and SRLoRA's targets ("query", "attention.output.dense",
 "intermediate.dense", "output.dense", ...) name the same layers here as in transformers.
 """
-import json
 import unicodedata
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.errors import UserError
+from harness.errors import UserError, read_json, read_text
 from harness.weights import read_weights
 
 
@@ -40,7 +39,7 @@ class BertConfig:
 
     @classmethod
     def from_json(cls, path, dropout: float = 0.1):
-        cfg = json.loads(Path(path).read_text())
+        cfg = read_json(path)
         if cfg.get("model_type", "bert") != "bert":
             raise UserError(f"{path}: model_type={cfg['model_type']!r} is not BERT; this loader reads BERT "
                             f"checkpoints only, use --hf_model for other architectures")
@@ -203,6 +202,9 @@ def load_classifier(model_dir, num_labels: int, pooling: str = "cls", dropout: f
         if weights[k].shape != v.shape:
             raise UserError(f"{model_dir}: {k} has shape {tuple(weights[k].shape)} but config.json implies "
                             f"{tuple(v.shape)}; the config and the weights do not belong together")
+        if v.is_floating_point() and not weights[k].is_floating_point():
+            raise UserError(f"{model_dir}: {k} is stored as {weights[k].dtype}, not as floating point; "
+                            f"the weights file is mislabelled")
     model.bert.load_state_dict({k: weights[k].float() for k in expected})
     return model
 
@@ -273,12 +275,12 @@ class Tokenizer:
         model_dir = Path(model_dir)
         if not (model_dir / "vocab.txt").is_file():
             raise UserError(f"{model_dir} has no vocab.txt; point --model_dir at a Hugging Face BERT checkpoint folder")
-        vocab = (model_dir / "vocab.txt").read_text(encoding="utf-8").split("\n")
+        vocab = read_text(model_dir / "vocab.txt").split("\n")
         if vocab and vocab[-1] == "":
             vocab.pop()                                                        # the final newline
         options = {}
         if (model_dir / "tokenizer_config.json").is_file():
-            options = json.loads((model_dir / "tokenizer_config.json").read_text())
+            options = read_json(model_dir / "tokenizer_config.json")
         return cls(vocab, do_lower_case=options.get("do_lower_case", True),
                    strip_accents=options.get("strip_accents"))
 

@@ -6,6 +6,9 @@ import math
 import re
 import sys
 from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
 
 from harness.errors import NonFiniteError, UserError, fail
 from srlora import SRLoRAConfig, n_recycle
@@ -47,6 +50,29 @@ class TrainFields:
     amp: str = "off"                  # bf16: autocast (the paper's ViT runs used 16-bit mixed precision)
     plots: bool = True                # PNG plots, when matplotlib is installed
     fsdp: bool = False                # under torchrun: shard each block and the model with FSDP2 (harness/parallel.py)
+
+    # The range of every numeric flag and the form of --name and --device: {field: (test, what it
+    # must be)}, checked by check_ranges before anything is read or written.  The scripts' configs
+    # add their own fields' RANGES.  The SRLoRA fields and the switch rules are checked by what
+    # receives them (check_config), not here.
+    RANGES: ClassVar[dict] = {
+        "lr": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0, e.g. 1e-4"),
+        "head_lr": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0 (0: --lr)"),
+        "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0 (0: none)"),
+        "momentum": (lambda v: 0 <= v < 1, "must be in [0, 1), e.g. 0.9"),
+        "warmup": (lambda v: v >= 0, "must be at least 0 (0: no warm-up)"),
+        "max_steps": (lambda v: v >= 0, "must be at least 0 (0: from the data, where the script computes it)"),
+        "batch_size": (lambda v: v >= 1, "must be at least 1"),
+        "grad_accum": (lambda v: v >= 1, "must be at least 1 (1: no accumulation)"),
+        "eval_every": (lambda v: v >= 1, "must be at least 1"),
+        "save_every": (lambda v: v >= 0, "must be at least 0 (0: --eval_every)"),
+        "log_every": (lambda v: v >= 1, "must be at least 1"),
+        "seed": (lambda v: 0 <= v < 2 ** 32, "must be in [0, 2**32), as numpy's seed"),
+        "name": (lambda v: valid_name(v), "must be one folder name inside --out_dir (no '/', not '.' or '..'); "
+                                          "use --out_dir for the parent folder"),
+        "device": (lambda v: valid_device(v), "is not a device that torch has here; use auto, cpu or cuda[:N] "
+                                              "(when a GPU is present)"),
+    }
 
 
 # The SRLoRA flags are SRLoRAConfig's own fields, with its defaults, its checks and its comments as
@@ -118,7 +144,9 @@ def parse_config(cls, argv, presets: dict = None, preset_field: str = None):
     if presets is not None:
         choice = given.get(preset_field, getattr(defaults, preset_field))
         cfg = dataclasses.replace(cfg, **presets.get(choice, {}))
-    return dataclasses.replace(cfg, **given)
+    cfg = dataclasses.replace(cfg, **given)
+    check_ranges(cfg)                                  # before the script reads or writes anything
+    return cfg
 
 
 def field_comments(cls) -> dict:
@@ -176,10 +204,43 @@ def steps_for(epochs: float, n_train: int, batch_size: int, max_steps: int = 0) 
     return min(steps, max_steps) if max_steps > 0 else steps
 
 
+def valid_name(name: str) -> bool:
+    """--name: empty (the default name) or one path component, so that a run never stands for
+    --out_dir itself, anything above it, or anywhere else."""
+    return name == "" or (name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name)
+
+
+def valid_device(text: str) -> bool:
+    if text == "auto":
+        return True
+    try:
+        device = torch.device(text)
+        if device.type == "meta":                      # holds no data: nothing would train
+            return False
+        torch.zeros(1, device=device)                  # a device that torch parses but this machine lacks fails here
+        return True
+    except (RuntimeError, ValueError, AssertionError, AttributeError):
+        return False
+
+
+def check_ranges(cfg):
+    """Every flag with a range (the RANGES of cfg's class and its bases) within it; one line naming
+    the flag and its range otherwise.  NaN fails every range, since it compares false."""
+    for klass in reversed(type(cfg).__mro__):
+        for name, (ok, rule) in vars(klass).get("RANGES", {}).items():
+            value = getattr(cfg, name)
+            if not ok(value):
+                raise UserError(f"--{name}={value} {rule}")
+
+
 def check_config(cfg):
-    """Every flag's check, before anything is written.  The SRLoRA fields and the switch rules are
-    checked by what receives them (SRLoRAConfig, SlotRule, switch_steps_within, AdaptiveSchedule)."""
+    """Every flag's check, before anything is written: the ranges of check_ranges, then the names
+    and the settings that need one another.  The SRLoRA fields and the switch rules are checked by
+    what receives them (SRLoRAConfig, SlotRule, switch_steps_within, AdaptiveSchedule)."""
+    check_ranges(cfg)
     methods = method_list(cfg)
+    if not methods:
+        raise UserError("--method and --methods are both empty; use --method=srlora or --methods=lora,pissa,srlora")
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise UserError(f"unknown method {bad[0]!r}; use --method or --methods with {', '.join(METHODS)}")

@@ -15,6 +15,7 @@ from harness.config import check_config, method_list, srlora_config
 from harness.errors import NonFiniteError, UserError
 from harness.plots import plot_run
 from harness.rundir import Run, save_atomic, write_json
+from harness.weights import read_checkpoint
 from harness.schedule import Batches, lr_lambda, rng_state, seed_everything, set_rng_state, warmup_warning
 from srlora import ImportanceTracker, apply_srlora, recompose, srlora_layers
 from srlora_switch import AdaptiveSchedule, SlotRule, pair_norms, switch_steps_within
@@ -128,52 +129,64 @@ def train_method(cfg, method, model, run, *, n_train, make_batch, loss_fn, evalu
         if tracker and not adaptive else set()
     batches = Batches(n_train, cfg.batch_size, cfg.seed)
     best = {"dev_loss": math.inf, "step": 0, "dev": {}}
-    step, elapsed = 0, 0.0
+    step, elapsed, window = 0, 0.0, []
     seed_everything(cfg.seed)
 
-    last = run.ckpt(method)
-    if cfg.resume and last.exists():
+    last, resumed = run.ckpt(method), None
+    if cfg.resume and (last.exists() or run.ckpt(method, "best").exists()):
         if cfg.fsdp:                                  # on any number of ranks: the shards are re-cut as they load
-            ckpt = parallel.load_sharded(last, model, opt, tracker)
+            ckpt, resumed = parallel.load_sharded(last, model, opt, tracker), last
         else:
-            # weights_only=False: our own file, and it holds numpy's RNG state
-            ckpt = torch.load(last, map_location=device, weights_only=False)
-            missing = set(ckpt["model"]) - set(model.state_dict())
-            if missing:
-                raise UserError(f"--resume: {last} does not fit this model ({sorted(missing)[0]}); repeat the original flags")
-            model.load_state_dict(ckpt["model"], strict=False)
+            ckpt, resumed = resume_checkpoint(run, method, device)
+            load_exactly(model, ckpt["model"], resumed)
             opt.load_state_dict(ckpt["optimizer"])
             if tracker:
                 tracker.load_state_dict(ckpt["tracker"])
+        check_position(ckpt, cfg, n_train, resumed)
         sched.load_state_dict(ckpt["scheduler"])
         if adaptive:
             adaptive.load_state_dict(ckpt["schedule"])
         batches.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"])
         step, best, elapsed = ckpt["step"], ckpt["best"], ckpt["elapsed"]
+        window = list(ckpt.get("window", []))         # the losses since the last log record: full windows
         run.truncate_log(method, step)
         if rank == 0:
-            print(f"[{method}] resumed from {last} at step {step}")
+            print(f"[{method}] resumed from {resumed} at step {step}")
 
-    saved_step = step if cfg.resume and last.exists() else 0
+    saved_step = step if resumed else 0
 
     def checkpoint(kind):
         nonlocal saved_step
+        weights = adapted_state(model)
+        bad = parallel.first_non_finite(weights, cfg.fsdp)
+        if bad is not None:                            # a checkpoint is kept only if it is a good one to resume
+            raise NonFiniteError(f"[{method}] step {step}: {bad} is no longer finite after this step, so it is "
+                                 f"not saved. {advice()}")
         saved_step = step if kind == "last" else saved_step
         state = {"method": method, "step": step, "schedule": adaptive.state_dict() if adaptive else None,
                  "scheduler": sched.state_dict(), "data": batches.state_dict(), "rng": rng_state(), "best": best,
-                 "elapsed": elapsed + time.time() - t0}
+                 "elapsed": elapsed + time.time() - t0, "window": list(window)}
         if cfg.fsdp:                                   # every rank writes its shards
             parallel.save_sharded(run.ckpt(method, kind), model, opt, tracker, step, state)
         elif rank == 0:
-            save_atomic({**state, "model": adapted_state(model), "tracker": tracker.state_dict() if tracker else None,
+            save_atomic({**state, "model": weights, "tracker": tracker.state_dict() if tracker else None,
                          "optimizer": opt.state_dict()}, run.ckpt(method, kind))
 
     ddp = parallel.forward_module(model, world, cfg.fsdp)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
     micro = cfg.batch_size // (world * cfg.grad_accum)
     progress = Progress(method, cfg.max_steps, step, enabled=rank == 0)
-    t0, window = time.time(), []
+    t0 = time.time()
+
+    def advice():
+        # Not "--resume with a lower --lr": the lr shapes the schedule and the optimizer state, so a
+        # resume with another lr would be a run that its config.json does not describe; --resume
+        # refuses it.  A new run with a lower lr is what the program accepts.
+        good = f"The last finite checkpoint, {last} (step {saved_step}), is kept. " if saved_step else ""
+        return (f"{good}Start again with a lower learning rate, e.g. --lr={cfg.lr / 10:g} (with --overwrite, "
+                f"or another --name to keep this run)")
+
     model.train()
     while step < cfg.max_steps:
         step += 1
@@ -193,10 +206,8 @@ def train_method(cfg, method, model, run, *, n_train, make_batch, loss_fn, evalu
             loss_sum /= world
         loss_value, grad_value = torch.stack([loss_sum, grad_norm]).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
-            good = f"{last} (step {saved_step})" if saved_step else "none yet"
             raise NonFiniteError(f"[{method}] step {step}: non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'}; "
-                                 f"stopped before this step changed any weight. Last good checkpoint: {good}. "
-                                 f"Try a lower --lr")
+                                 f"stopped before this step changed any weight. {advice()}")
         if tracker:
             tracker.update()                              # Eq. (3)-(5), before the optimizer moves w
         opt.step()
@@ -233,6 +244,56 @@ def train_method(cfg, method, model, run, *, n_train, make_batch, loss_fn, evalu
     if world > 1 and not cfg.fsdp:                       # FSDP2: each rank holds other rows, by design
         _check_ranks_agree(model, method, run)
     return best, elapsed + time.time() - t0
+
+
+def resume_checkpoint(run, method, device):
+    """(checkpoint, its path): last.pt, or best.pt when last.pt is missing or unreadable (saying so);
+    one line naming both when neither reads."""
+    last, best = run.ckpt(method), run.ckpt(method, "best")
+    errors = []
+    for path in (last, best):
+        if not path.exists():
+            errors.append(f"{path} does not exist")
+            continue
+        try:
+            ckpt = read_checkpoint(path, map_location=device)
+        except UserError as e:
+            errors.append(str(e))
+            continue
+        if errors:
+            print(f"warning: {errors[0]}; resuming from {path} instead, at its earlier step", file=sys.stderr)
+        return ckpt, path
+    raise UserError(f"--resume: no readable checkpoint for {method}: {'; and '.join(errors)}; "
+                    f"start again with --overwrite")
+
+
+def load_exactly(model, saved: dict, path):
+    """Load a checkpoint's adapted weights only if it holds exactly the tensors that this model
+    trains (adapted_state), each of the same shape: a missing or extra tensor is an error."""
+    own = adapted_state(model)
+    missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if missing or extra:
+        what = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which this model does not train"
+        raise UserError(f"--resume: {path} does not fit this model (it {what}); repeat the original flags")
+    for k, v in saved.items():
+        if not torch.is_tensor(v) or v.shape != own[k].shape:
+            raise UserError(f"--resume: {path}: {k} has shape {tuple(getattr(v, 'shape', ()))}, the model's is "
+                            f"{tuple(own[k].shape)}; repeat the original flags")
+    model.load_state_dict(saved, strict=False)          # strict=False: the frozen weights come from the model itself
+
+
+def check_position(ckpt, cfg, n_train, path):
+    """A checkpoint's step lies within the run, and its data order and schedule are at that step."""
+    step = ckpt.get("step")
+    if type(step) is not int or not 0 <= step <= cfg.max_steps:
+        raise UserError(f"--resume: {path} is at step {step!r}, outside this run's 0..{cfg.max_steps}; "
+                        f"the checkpoint was edited or is from another run")
+    per_epoch = n_train // cfg.batch_size                # Batches: full batches per epoch
+    data = {"epoch": (step - 1) // per_epoch, "pos": ((step - 1) % per_epoch + 1) * cfg.batch_size} if step \
+        else {"epoch": 0, "pos": 0}
+    if ckpt.get("data") != data or ckpt.get("scheduler", {}).get("last_epoch") != step:
+        raise UserError(f"--resume: {path}: its data position {ckpt.get('data')} or schedule does not match its "
+                        f"step {step}; the checkpoint was edited or is from another run")
 
 
 @torch.no_grad()
@@ -274,6 +335,13 @@ def run_methods(cfg, *, task, build, n_train, make_batch, loss_fn, evaluate, hea
                         f"x {world} processes")
     device = pick_device(cfg)
     run = Run(cfg, task, writer=rank == 0)
+    try:
+        return _run_methods(cfg, run, task, build, n_train, make_batch, loss_fn, evaluate, head, rank, world, device)
+    finally:
+        run.close()                                  # the lock; also when a method fails or is interrupted
+
+
+def _run_methods(cfg, run, task, build, n_train, make_batch, loss_fn, evaluate, head, rank, world, device):
     warning = warmup_warning(cfg)
     if warning and rank == 0:
         print(warning, file=sys.stderr)

@@ -9,6 +9,7 @@ save_sharded / load_sharded, a torch.distributed.checkpoint folder per checkpoin
 import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -88,16 +89,33 @@ def grad_norm(params, fsdp: bool) -> torch.Tensor:
     return squares.sqrt()
 
 
+def first_non_finite(state: dict, fsdp: bool):
+    """The name of the first floating tensor of `state` holding NaN or inf, or None; under FSDP2
+    each rank checks its rows and the ranks agree, so that all of them stop or none."""
+    names = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()]
+    local = [state[k].to_local() if hasattr(state[k], "to_local") else state[k] for k in names]   # DTensor: its rows
+    finite = torch.stack([torch.isfinite(t).all() for t in local]) if local else torch.ones(0, dtype=torch.bool)
+    if fsdp and dist.is_initialized():
+        finite = finite.to(torch.uint8)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    bad = (~finite.bool()).nonzero().flatten().tolist()
+    return names[bad[0]] if bad else None
+
+
 def save_sharded(path, model, optimizer, tracker, step: int, loop_state: dict) -> None:
     """A checkpoint folder: every rank's shards of model, optimizer and tracker (srlora_fsdp.save_checkpoint)
     and loop.pt, the rest of the loop's state from rank 0 (scheduler, data order, RNG, best metrics).
-    Written as path.tmp and renamed when every rank is done, so a crash leaves the previous checkpoint."""
+    Written to a fresh temporary folder and renamed when every rank is done, so a crash leaves the previous checkpoint."""
     from srlora_fsdp import save_checkpoint
     path, rank = Path(path), dist.get_rank()
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    # A fresh folder under a unique name (mkdtemp: mkdir, which never follows a symlink), made by
+    # rank 0 and sent to the others; the previous checkpoint moves aside under a name of the same kind.
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
+        path.parent.mkdir(parents=True, exist_ok=True)
+    names = [tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp") if rank == 0 else None]
+    dist.broadcast_object_list(names, src=0)
+    tmp = Path(names[0])
+    old = tmp.with_name(tmp.name + ".old")
     save_checkpoint(str(tmp), model, optimizer, tracker, step)
     if rank == 0:
         torch.save(loop_state, tmp / "loop.pt")
@@ -114,5 +132,6 @@ def load_sharded(path, model, optimizer, tracker) -> dict:
     """Read what save_sharded wrote into the sharded model, its optimizer and tracker, on any number of
     ranks (torch.distributed.checkpoint reshards); returns loop.pt's state."""
     from srlora_fsdp import load_checkpoint
-    load_checkpoint(str(path), model, optimizer, tracker)
-    return torch.load(Path(path) / "loop.pt", weights_only=False)   # our own file; it holds numpy's RNG state
+    from harness.weights import read_checkpoint
+    load_checkpoint(str(path), model, optimizer, tracker)   # torch.distributed.checkpoint unpickles .metadata
+    return read_checkpoint(Path(path) / "loop.pt")          # weights_only, with numpy's RNG state allowed

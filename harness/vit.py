@@ -262,6 +262,8 @@ def from_state_dict(state: dict, cfg: ViTConfig) -> ViT:
     for k, v in state.items():
         if v.shape != own[k].shape:
             raise ValueError(f"{k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+        if not v.is_floating_point():
+            raise ValueError(f"{k} is stored as {v.dtype}, not as floating point; the weights file is mislabelled")
     model.load_state_dict(state, strict=False)
     if cfg.num_classes:       # a zero head starts every class at the same logit, as timm does for fine-tuning
         nn.init.zeros_(model.head.weight)

@@ -102,3 +102,29 @@ def test_residual_dtype_flag_sets_the_stored_w_and_a_bf16_run_trains(tmp_path, r
     assert model.query.weight.dtype == model.query.U.dtype == stored and model.query.lora_A.dtype == torch.float32
     (result,) = run(tmp_path, methods="srlora", amp="bf16", residual_dtype=residual_dtype)
     assert math.isfinite(result["dev_loss"]) and result["dev"]["accuracy"] > 0.5
+
+
+def test_a_checkpoint_is_kept_only_if_its_weights_are_finite(tmp_path):
+    # SGD with a huge weight decay: the loss of step 1 is finite, the weights after it are not
+    with pytest.raises(NonFiniteError, match=r"step 1: .* is no longer finite after this step, so it is not saved"):
+        run(tmp_path, method="lora", optimizer="sgd", lr=1e10, weight_decay=1e30, warmup=0, eval_every=1)
+    assert not list(folder(tmp_path, "lora").rglob("*.pt"))
+
+
+def test_the_non_finite_advice_is_a_command_line_the_program_accepts(tmp_path):
+    with pytest.raises(NonFiniteError) as e:
+        run(tmp_path, method="srlora", nan_at=23, save_every=10)
+    message = str(e.value)
+    assert "--lr=0.001" in message and "--overwrite" in message and "(step 20)" in message
+    (result,) = run(tmp_path, method="srlora", save_every=10, lr=0.001, overwrite=True)   # what it says to do
+    assert math.isfinite(result["dev_loss"])
+
+
+def test_a_resume_between_log_records_logs_full_windows(tmp_path):
+    # checkpoints at 7, 14, ...; records every 5 steps; killed at step 10, resumed from step 7
+    run(tmp_path / "a", method="lora", save_every=7)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", method="lora", save_every=7, fail_at=10)
+    run(tmp_path / "b", method="lora", save_every=7, resume=str(folder(tmp_path / "b", "lora")))
+    a, b = (folder(tmp_path / d, "lora") / "log.jsonl" for d in ("a", "b"))
+    assert a.read_text() == b.read_text()

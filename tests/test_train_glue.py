@@ -203,9 +203,10 @@ def script(*argv, timeout=120, env=ENV):
 
 
 def snapshot(folder):
-    """{path: sha256 of its bytes, or "dir"} for everything under folder."""
+    """{path: sha256 of its bytes, or "dir"} for everything under folder but the lock files, which
+    hold the pid of the last process that locked the run (a refused --resume locks it to read it)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(Path(folder).rglob("*"))}
+            for p in sorted(Path(folder).rglob("*")) if p.name != ".lock"}
 
 
 def test_the_tiny_run_switches_checkpoints_and_writes_its_outputs(tiny):
@@ -530,3 +531,98 @@ def test_fsdp_without_torchrun_is_a_one_line_error(tiny, tmp_path):
     assert done.returncode == 2 and done.stderr.startswith("error: --fsdp shards the model over the processes "
                                                            "torchrun starts; run torchrun --nproc_per_node=2")
     assert done.stderr.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+# -----------------------------------------------------------------------------
+# every bad flag: exit 2, one line, checked before anything is written
+
+def _latin1_tsv(t, tmp):
+    d = data_with(t, tmp, "train.tsv", "")
+    write(d / "train.tsv", "sentence\tlabel\ncaf\xe9 good\t1\n", encoding="latin-1")
+    return dict(data_dir=d)
+
+
+def _utf16_tsv(t, tmp):
+    d = tmp / "utf16"
+    shutil.copytree(t["data"], d)
+    write(d / "dev.tsv", (d / "dev.tsv").read_text(), encoding="utf-16")
+    return dict(data_dir=d)
+
+
+def _latin1_vocab(t, tmp):
+    return dict(model_dir=model_with(t, tmp, lambda d: (d / "vocab.txt").write_bytes(
+        (d / "vocab.txt").read_bytes() + "caf\xe9\n".encode("latin-1"))))
+
+
+def _nan_weights(t, tmp):
+    from harness.weights import read_safetensors
+    from tests.conftest import write_safetensors
+
+    def poison(d):
+        state = read_safetensors(d / "model.safetensors")
+        state["encoder.layer.0.attention.self.query.weight"][0, 0] = float("nan")
+        write_safetensors(state, d / "model.safetensors")
+    return dict(model_dir=model_with(t, tmp, poison))
+
+
+def _not_a_run(t, tmp):
+    (tmp / "runs" / "mydata").mkdir(parents=True)
+    (tmp / "runs" / "mydata" / "notes.txt").write_text("keep")
+    return dict(name="mydata", overwrite="true")
+
+
+# id -> (flags over the tiny run's, given the fixture and a scratch folder; what the line says)
+BAD_FLAGS = {
+    "batch_size -4": (lambda t, tmp: dict(batch_size=-4), "--batch_size=-4 must be at least 1"),
+    "batch_size 0": (lambda t, tmp: dict(batch_size=0), "--batch_size=0 must be at least 1"),
+    "head_lr -1": (lambda t, tmp: dict(head_lr=-1), "--head_lr=-1.0 must be a finite number >= 0"),
+    "epochs -1": (lambda t, tmp: dict(epochs=-1, max_steps=0), "--epochs=-1.0 must be a finite number > 0"),
+    "warmup -5": (lambda t, tmp: dict(warmup=-5), "--warmup=-5 must be at least 0"),
+    "save_every -1": (lambda t, tmp: dict(save_every=-1), "--save_every=-1 must be at least 0"),
+    "max_steps -1": (lambda t, tmp: dict(max_steps=-1), "--max_steps=-1 must be at least 0"),
+    "lr nan": (lambda t, tmp: dict(lr="nan"), "--lr=nan must be a finite number > 0"),
+    "lr -1": (lambda t, tmp: dict(lr=-1), "--lr=-1.0 must be a finite number > 0"),
+    "lr inf": (lambda t, tmp: dict(lr="inf"), "--lr=inf must be a finite number > 0"),
+    "weight_decay -1": (lambda t, tmp: dict(weight_decay=-1), "--weight_decay=-1.0 must be a finite number >= 0"),
+    "momentum 1": (lambda t, tmp: dict(momentum=1), "--momentum=1.0 must be in [0, 1)"),
+    "dropout 2": (lambda t, tmp: dict(dropout=2), "--dropout=2.0 must be in [0, 1)"),
+    "grad_accum 0": (lambda t, tmp: dict(grad_accum=0), "--grad_accum=0 must be at least 1"),
+    "eval_every 0": (lambda t, tmp: dict(eval_every=0), "--eval_every=0 must be at least 1"),
+    "log_every 0": (lambda t, tmp: dict(log_every=0), "--log_every=0 must be at least 1"),
+    "seed -1": (lambda t, tmp: dict(seed=-1), "--seed=-1 must be in [0, 2**32)"),
+    "max_len 2": (lambda t, tmp: dict(max_len=2), "--max_len=2 must be at least 3"),
+    "max_dev -1": (lambda t, tmp: dict(max_dev=-1), "--max_dev=-1 must be at least 0"),
+    "eval_batch_size 0": (lambda t, tmp: dict(eval_batch_size=0), "--eval_batch_size=0 must be at least 1"),
+    "pooling max": (lambda t, tmp: dict(pooling="max"), "--pooling=max is unknown"),
+    "device bogus": (lambda t, tmp: dict(device="bogus"), "--device=bogus is not a device"),
+    "device meta": (lambda t, tmp: dict(device="meta"), "--device=meta is not a device"),
+    "beta1 1": (lambda t, tmp: dict(beta1=1), "--beta1=1.0 is outside [0, 1)"),
+    "alpha 0": (lambda t, tmp: dict(alpha=0), "--alpha=0.0 must be positive and finite"),
+    "alpha -8": (lambda t, tmp: dict(alpha=-8), "--alpha=-8.0 must be positive and finite"),
+    "optimizer adam": (lambda t, tmp: dict(optimizer="adam"), "--optimizer=adam is unknown"),
+    "methods empty": (lambda t, tmp: dict(method="", methods=","), "--method and --methods are both empty"),
+    "name .": (lambda t, tmp: dict(name="."), "--name=. must be one folder name inside --out_dir"),
+    "name ..": (lambda t, tmp: dict(name=".."), "--name=.. must be one folder name inside --out_dir"),
+    "name a/b": (lambda t, tmp: dict(name="a/b"), "--name=a/b must be one folder name inside --out_dir"),
+    "name not a run": (_not_a_run, "mydata exists and is not a run folder"),
+    "out_dir under a file": (lambda t, tmp: dict(out_dir=write(tmp / "file", "x") / "runs"),
+                             "cannot write the run folder"),
+    "latin-1 tsv": (_latin1_tsv, "train.tsv: byte 18 is not UTF-8 text"),
+    "utf-16 tsv": (_utf16_tsv, "dev.tsv: byte 0 is not UTF-8 text (it looks like UTF-16)"),
+    "latin-1 vocab": (_latin1_vocab, "vocab.txt: byte"),
+    "nan weights": (_nan_weights, "tensor 'encoder.layer.0.attention.self.query.weight' holds 1 NaN or inf value"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FLAGS))
+def test_every_bad_flag_exits_2_with_one_line_and_writes_nothing(tiny, tmp_path, monkeypatch, capsys, case):
+    flags, expected = BAD_FLAGS[case]
+    flags = {"out_dir": tmp_path / "runs", **flags(tiny, tmp_path)}
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train_glue.py", *args(tiny["data"], tiny["model"], flags.pop("out_dir"),
+                                                             flags.pop("name", "new"), **flags)])
+    with pytest.raises(SystemExit) as e:
+        train_glue.cli(train_glue.main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    assert snapshot(tmp_path) == before                    # no run folder, nothing else touched

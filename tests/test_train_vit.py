@@ -293,3 +293,52 @@ def test_bad_command_lines_in_a_subprocess_print_no_traceback(tiny_files):
         assert err.count("\n") == 1 and err.startswith("error: ") and match in err, (name, err)
         assert "Traceback" not in err + out, name
     assert not (t / "runs").exists()
+
+
+def _corrupt_gzip(t):
+    d = t / "mnist-bad"
+    write_mnist_idx(d, tiny_mnist(16, 0), tiny_mnist(8, 1))
+    gz = d / "train-images-idx3-ubyte.gz"
+    raw = bytearray(gz.read_bytes())
+    raw[10:30] = b"\xff" * 20                              # a valid gzip header, a broken deflate stream (zlib.error)
+    gz.write_bytes(bytes(raw))
+    return d
+
+
+def _nan_weights(t):
+    state = random_state(dataclasses.replace(TINY, num_classes=10))
+    state["blocks.0.attn.qkv.weight"][1, 2] = float("inf")
+    torch.save(state, t / "nan.pth")
+    return t / "nan.pth"
+
+
+def bad_flags(t):
+    """{case: (flags over a tiny run, what the line says)}: each must fail before anything is written."""
+    return {
+        "heads 7": (["--heads=7"], "width 32 is not divisible by heads=7"),
+        "heads -1": (["--heads=-1"], "--heads=-1 must be at least 0"),
+        "max_eval -5": (["--max_eval=-5"], "--max_eval=-5 must be at least 0"),
+        "eval_batch 0": (["--eval_batch=0"], "--eval_batch=0 must be at least 1"),
+        "batch_size -4": (["--batch_size=-4"], "--batch_size=-4 must be at least 1"),
+        "lr nan": (["--lr=nan"], "--lr=nan must be a finite number > 0"),
+        "momentum -0.1": (["--momentum=-0.1"], "--momentum=-0.1 must be in [0, 1)"),
+        "device bogus": (["--device=bogus"], "--device=bogus is not a device"),
+        "alpha 0": (["--alpha=0"], "--alpha=0.0 must be positive and finite"),
+        "flip sometimes": (["--flip=sometimes"], "--flip=sometimes is not auto, true or false"),
+        "name ..": (["--name=.."], "--name=.. must be one folder name inside --out_dir"),
+        "corrupt gzip": ([f"--data_dir={_corrupt_gzip(t)}"], "train-images-idx3-ubyte.gz: corrupt or truncated gzip"),
+        "inf weights": ([f"--weights={_nan_weights(t)}"], "tensor 'blocks.0.attn.qkv.weight' holds 1 NaN or inf value"),
+    }
+
+
+@pytest.mark.parametrize("case", ["heads 7", "heads -1", "max_eval -5", "eval_batch 0", "batch_size -4", "lr nan",
+                                  "momentum -0.1", "device bogus", "alpha 0", "flip sometimes", "name ..",
+                                  "corrupt gzip", "inf weights"])
+def test_every_bad_flag_exits_2_with_one_line_and_writes_nothing(tiny_files, case, monkeypatch, capsys):
+    t = tiny_files
+    argv, match = bad_flags(t)[case]
+    base = [f"--weights={t / 'tiny.pth'}", "--heads=2", f"--data_dir={t / 'mnist'}", "--img_size=12", "--max_steps=4",
+            "--eval_every=2", "--batch_size=4", "--warmup=1", "--r=2", "--r_target=4", "--plots=false"]
+    code, err = run_cli([*base, *argv, f"--out_dir={t / 'runs'}"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and match in err, err
+    assert not (t / "runs").exists()
