@@ -117,30 +117,71 @@ def test_llama_paper_targets_adapt_all_seven_projections_of_every_block():
     assert len(names) == 7 * 2 and {n.rsplit(".", 1)[-1] for n in names} == set(PAPER_TARGETS["llama"])
 
 
-@pytest.mark.parametrize("via", ["save_pretrained", "save_pretrained sharded", "safetensors"])
-def test_a_saved_model_loads_into_a_freshly_wrapped_one_with_identical_outputs(tmp_path, via):
-    pytest.importorskip("safetensors")
-    from safetensors.torch import load_file, save_file
-    model, _, _ = train(tmp_path / "run", max_steps=8, save_steps=1000)      # switches at 2, 4, 6, 8
-    from transformers.trainer_utils import load_sharded_checkpoint
-    # Same targets, r and r_target, but other pretrained weights, hence another basis.
-    fresh = apply_srlora(tiny_llama(1), targets=PAPER_TARGETS["llama"], r=R, r_target=R_TARGET)
-    assert not torch.equal(fresh.model.layers[0].mlp.up_proj.U, model.model.layers[0].mlp.up_proj.U)
-    if via == "save_pretrained":
-        model.save_pretrained(tmp_path / "saved")
-        fresh.load_state_dict(load_file(str(tmp_path / "saved" / "model.safetensors")), strict=True)
-    elif via == "save_pretrained sharded":
-        model.save_pretrained(tmp_path / "saved", max_shard_size="20KB")
-        assert len(list((tmp_path / "saved").glob("model-*.safetensors"))) > 1
-        load_sharded_checkpoint(fresh, str(tmp_path / "saved"), strict=True)
-    else:
-        save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
-        fresh.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=True)
-    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
-    model.eval(), fresh.eval()
+def logits(model, seed=1):
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(seed))
+    model.eval()
     with torch.no_grad():
-        assert torch.equal(fresh(ids).logits, model(ids).logits)
-    assert [l.next_index for _, l in srlora_layers(fresh)] == [l.next_index for _, l in srlora_layers(model)] == [12] * 14
+        return model(ids).logits
+
+
+def test_save_pretrained_writes_an_adapter_that_from_pretrained_gives_back_bit_for_bit(tmp_path):
+    from safetensors.torch import load_file
+    from srlora_hf import from_pretrained
+    model, _, _ = train(tmp_path / "run", max_steps=8, save_steps=1000)      # switches at 2, 4, 6, 8
+    model.save_pretrained(tmp_path / "adapter")
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["model.safetensors", "srlora_config.json"]   # no config.json
+    saved = load_file(str(tmp_path / "adapter" / "model.safetensors"))
+    assert {k.rsplit(".", 1)[-1] for k in saved} == {"lora_A", "lora_B", "active_indices", "_extra_state",
+                                                     "fused_A", "fused_B"}   # no W, no basis, no embedding
+    fresh = from_pretrained(tiny_llama(0), tmp_path / "adapter")             # the same pretrained weights
+    for (name, a), (_, b) in zip(srlora_layers(model), srlora_layers(fresh)):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.effective_weight(), b.effective_weight()), name
+        assert b.next_index == a.next_index == 12 and torch.equal(a.active_indices, b.active_indices)
+    assert torch.equal(logits(fresh), logits(model))
+    assert all(l.lora_A.requires_grad for _, l in srlora_layers(fresh))      # training can go on from it
+
+
+def test_from_pretrained_takes_a_base_folder_and_the_adapter_folder(tmp_path):
+    from srlora_hf import from_pretrained
+    tiny_llama(0).save_pretrained(tmp_path / "base")                         # stands in for a Hub name
+    model, _, _ = train(tmp_path / "run", max_steps=4, save_steps=1000)
+    model.save_pretrained(tmp_path / "adapter")
+    assert torch.equal(logits(from_pretrained(str(tmp_path / "base"), tmp_path / "adapter")), logits(model))
+
+
+def test_transformers_from_pretrained_refuses_an_srlora_folder_instead_of_loading_it_without_the_adapter(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, _, _ = train(tmp_path / "run", max_steps=4, save_steps=2)
+    model.save_pretrained(tmp_path / "adapter")
+    for folder in (tmp_path / "adapter", tmp_path / "run" / "checkpoint-4"):
+        with pytest.raises((ValueError, OSError)):
+            transformers.AutoModelForCausalLM.from_pretrained(str(folder))
+
+
+def test_trainer_checkpoints_hold_the_adapter_not_the_model(tmp_path):
+    from safetensors.torch import load_file
+    model, _, _ = train(tmp_path / "run", max_steps=6, save_steps=6)
+    folder = tmp_path / "run" / "checkpoint-6"
+    assert not (folder / "config.json").exists() and (folder / "srlora_config.json").exists()
+    adapter = sum(v.numel() * v.element_size() for v in load_file(str(folder / "model.safetensors")).values())
+    whole = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    # per layer: A, B and the fused pairs, r_target (m + n) fp32 numbers, as a LoRA adapter of rank r_target;
+    # and active_indices (r int64) and (next_index, r, alpha) (3 float64)
+    formula = sum(4 * R_TARGET * (l.in_features + l.out_features) + 8 * R + 24 for _, l in srlora_layers(model))
+    assert adapter == formula and adapter < whole / 3       # a tiny model: 7B ratios in docs/HUGGINGFACE.md
+
+
+def test_a_whole_state_dict_still_loads_into_a_freshly_wrapped_model(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from srlora_hf import apply_srlora as hf_apply
+    model, _, _ = train(tmp_path / "run", max_steps=8, save_steps=1000)
+    save_file(model.state_dict(), str(tmp_path / "whole.safetensors"))      # W itself, and the fused pairs
+    fresh = hf_apply(tiny_llama(1), r=R, r_target=R_TARGET)                  # other weights: the file has them all
+    fresh.load_state_dict(load_file(str(tmp_path / "whole.safetensors")), strict=True)
+    assert torch.equal(logits(fresh), logits(model))
+    fresh.save_pretrained(tmp_path / "adapter")                              # and its adapter is complete
+    assert torch.equal(logits(__import__("srlora_hf").from_pretrained(tiny_llama(0), tmp_path / "adapter")),
+                       logits(model))
 
 
 def test_importance_with_gradient_accumulation_equals_importance_of_one_big_batch(tmp_path):
