@@ -89,6 +89,8 @@ def _saves_adapters(model: nn.Module, quantized=None) -> nn.Module:
         if quantized is not None:
             model.srlora_dequantized = quantized
         model.save_pretrained = types.MethodType(_save_pretrained, model)
+    if quantized:   # the Trainer refuses a quantized model "without trainable adapters" unless this is set
+        model._hf_peft_config_loaded = True
     return model
 
 
@@ -167,10 +169,12 @@ def dequantized(module: nn.Module) -> torch.Tensor:
         scb = getattr(weight, "SCB", None)
         scb = scb if scb is not None else module.state.SCB
         return bnbf.int8_vectorwise_dequant(weight.data, scb)        # codes * row absmax / 127, fp32
-    data, state = weight.data, weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):              # repacked by a CPU forward pass
-        data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
-    return bnbf.dequantize_4bit(data, state)                         # (out, in) in state.dtype
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        # The repacking rounds absmax to bf16: its weight is not the one a fresh load dequantizes to,
+        # so an adapter trained on it would not replay onto from_pretrained(base).
+        raise ValueError(f"a forward pass on CPU repacked this {type(module).__name__} (absmax now bf16); "
+                         f"call srlora_hf.apply_srlora before the model's first forward")
+    return bnbf.dequantize_4bit(weight.data, weight.quant_state)     # (out, in) in the dtype it was quantized from
 
 
 # The body of SRLoRACallback.  The class itself, a transformers.TrainerCallback, is made at its
