@@ -1,5 +1,11 @@
-"""Ship an SRLoRA model in the formats other tools read: merged weights, or a LoRA adapter for PEFT.
+"""Ship an SRLoRA model: as an SRLoRA adapter, as merged weights, or as a LoRA adapter for PEFT.
 
+record_switches(model)                   right after apply_srlora: each layer keeps the pairs its
+                                         switches fuse into W, so that an adapter save can rebuild W.
+save_adapter(model, folder)              what training changed and nothing else (A, B, indices, the
+load_adapter(model, folder)              fused pairs, trained heads), about the bytes of a LoRA adapter
+                                         of rank r_target; loaded onto a model freshly wrapped from the
+                                         same pretrained weights, it gives back the trained model exactly.
 export_merged(model, path)               the state dict of merge_srlora(model): load it into a fresh
                                          instance of the model's class with load_state_dict(strict=True).
 export_lora_adapter(model, path, base)   dW = W_final - W0 of every adapted layer as a standard LoRA
@@ -7,6 +13,7 @@ export_lora_adapter(model, path, base)   dW = W_final - W0 of every adapted laye
 
 Depends on torch and srlora.py; writes safetensors when the safetensors package is importable.
 """
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -14,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from srlora import srlora_layers, top_singular
+from srlora import SRLoRAConfig, SRLoRALinear, n_recycle, srlora_layers, top_singular
 
 try:
     import safetensors.torch
@@ -200,3 +207,190 @@ def export_lora_adapter(model: nn.Module, path, base, rank: int = None) -> dict:
     print(f"export_lora_adapter: {len(exported)} layers, ranks {min(ranks[n] for n in exported)}.."
           f"{max(ranks[n] for n in exported)}, largest relative error {errors[worst]:.2e} ({worst})")
     return {"rank": ranks, "rel_error": errors}
+
+
+# --- the SRLoRA adapter ---------------------------------------------------------------------
+#
+# After its switches a layer holds  W = W0 - scaling B_0 A_0 + sum over switches of
+# scaling (B_out A_out - B_in A_in)  (Eq. 2, 10, 12).  W0 - scaling B_0 A_0 and every B_in, A_in
+# (Eq. 11) are functions of W0 alone, which apply_srlora on the same pretrained weights computes
+# again bit for bit (the SVD is deterministic).  Only the fused-out pairs B_out, A_out come from
+# training: (r_target - r)(m + n) numbers at most.  So an adapter holds A, B, active_indices,
+# next_index and those pairs, and a load replays the switches on a freshly wrapped layer's W with
+# recycle() itself: the same arithmetic in the same order, hence the same W, bit for bit.
+# Stored instead, the change W - W0 would have rank up to 2 r_target, need W0 at save time, and
+# give back W only to rounding.
+
+ADAPTER_WEIGHTS = "model.safetensors"      # the name the Trainer resumes from (pytorch_model.bin without safetensors)
+ADAPTER_CONFIG = "srlora_config.json"      # marks the folder: an SRLoRA adapter, not a model (there is no config.json)
+ADAPTER_KEYS = ("lora_A", "lora_B", "active_indices", "_extra_state", "fused_A", "fused_B")
+
+
+class RecordedSRLoRALinear(SRLoRALinear):
+    """An SRLoRALinear that keeps the pairs its switches fuse into W, in order: fused_A, fused_B.
+
+    fused_A (r_target - r, n) and fused_B (m, r_target - r), in A's dtype (fp32), hold in rows /
+    columns j .. j+k-1 the k pairs fused out by the switch that brought in directions r+j .. r+j+k-1.
+    `applied`: the next_index whose switches W holds; a load of an adapter, which sets next_index
+    and not W, replays the switches from `applied` on (replay()).
+    """
+
+    @torch.no_grad()
+    def recycle(self, slots: torch.Tensor) -> dict:
+        j, k = self.next_index - self.r, slots.numel()
+        if self.next_index + k <= self.r_target:                     # it will switch (not exhausted)
+            self.fused_B[:, j:j + k] = self.lora_B[:, slots]          # Eq. (9): the pairs about to be fused
+            self.fused_A[j:j + k] = self.lora_A[slots]
+        event = super().recycle(slots)                                # Eq. (9)-(12)
+        self.applied = self.next_index
+        return event
+
+    @torch.no_grad()
+    def replay(self) -> None:
+        """Apply to W the switches from `applied` to next_index, from fused_A / fused_B; A, B and
+        active_indices end as they are now (as loaded)."""
+        target, k = self.next_index, n_recycle(self.r, self.config.gamma)
+        if target == self.applied:
+            return
+        if target < self.applied or (target - self.applied) % k:
+            raise ValueError(f"load_adapter: this layer's W already holds switches up to direction {self.applied} "
+                             f"and the adapter's stop at {target}; load it into a model freshly wrapped from the pretrained weights")
+        A, B, active = self.lora_A.clone(), self.lora_B.clone(), self.active_indices.clone()
+        slots = torch.arange(k, device=active.device)
+        self.next_index = self.applied
+        while self.next_index < target:
+            j = self.next_index - self.r
+            self.lora_B[:, :k] = self.fused_B[:, j:j + k]             # the pairs this switch fused out
+            self.lora_A[:k] = self.fused_A[j:j + k]
+            self.recycle(slots)                                       # W += scaling (B_out A_out - B_in A_in)
+        self.lora_A.copy_(A), self.lora_B.copy_(B), self.active_indices.copy_(active)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        held = self.fused_A[:self.applied - self.r].clone()          # the pairs W already holds
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "_extra_state" not in state_dict:                 # no next_index here (another shard)
+            return
+        if prefix + "weight" in state_dict:                           # a whole state dict: W came with it
+            self.applied, self.history = self.next_index, prefix + "fused_A" in state_dict or self.next_index == self.r
+            return
+        if prefix + "fused_A" not in state_dict and self.next_index > self.r:
+            raise ValueError(f"{prefix[:-1]}: the state dict has next_index={self.next_index} but neither W nor the "
+                             f"fused pairs (fused_A, fused_B); save it with srlora_export.save_adapter")
+        if not torch.equal(held, self.fused_A[:len(held)]):
+            raise ValueError(f"{prefix[:-1]}: W holds switches that this adapter did not make; load it into a "
+                             f"model freshly wrapped from the pretrained weights")
+        self.replay()
+
+
+_recorded = {}
+
+
+def record_switches(model: nn.Module) -> nn.Module:
+    """Give every SRLoRA layer fused_A / fused_B and the recording recycle() (RecordedSRLoRALinear).
+
+    Call it right after apply_srlora, before training and before loading an adapter: the pairs
+    fused before it are gone.  Costs (r_target - r)(m + n) fp32 numbers per layer, beside the basis
+    of (r_target - r)(m + n) numbers in W's dtype that the layer keeps anyway.  Returns model.
+    """
+    for name, layer in srlora_layers(model):
+        if isinstance(layer, RecordedSRLoRALinear):
+            continue
+        if layer.next_index > layer.r:
+            raise ValueError(f"record_switches: {name} has already switched (next_index={layer.next_index}), and "
+                             f"the pairs it fused into W are lost; call it right after apply_srlora")
+        if getattr(layer, "sharded", False):
+            raise ValueError(f"record_switches: {name} is sharded by srlora_fsdp; save FSDP runs with "
+                             f"srlora_fsdp.save_checkpoint")
+        n = layer.r_target - layer.r
+        layer.register_buffer("fused_A", layer.lora_A.detach().new_zeros(n, layer.in_features))
+        layer.register_buffer("fused_B", layer.lora_B.detach().new_zeros(layer.out_features, n))
+        layer.applied, layer.history = layer.next_index, True
+        cls = type(layer)
+        if cls is not SRLoRALinear and cls not in _recorded:         # another add-on's subclass (compensate)
+            _recorded[cls] = type(f"Recorded{cls.__name__}", (RecordedSRLoRALinear, cls), {})
+        layer.__class__ = RecordedSRLoRALinear if cls is SRLoRALinear else _recorded[cls]
+    return model
+
+
+def _common_config(model: nn.Module) -> SRLoRAConfig:
+    configs = {json.dumps(_config_dict(layer.config)) for _, layer in srlora_layers(model)}
+    if len(configs) != 1:
+        raise ValueError("model has no SRLoRA layers, or layers wrapped with different SRLoRAConfigs; an adapter "
+                         "holds one config: wrap with one apply_srlora call")
+    return SRLoRAConfig(**json.loads(configs.pop()))
+
+
+def _config_dict(cfg: SRLoRAConfig) -> dict:
+    return {**dataclasses.asdict(cfg), "targets": list(cfg.targets)}
+
+
+@torch.no_grad()
+def adapter_state_dict(model: nn.Module) -> dict:
+    """The entries of model.state_dict() that training changed: per SRLoRA layer ADAPTER_KEYS, and
+    every other parameter that requires grad (a trained head), under the model's own names."""
+    adapted = dict(srlora_layers(model))
+    for name, layer in adapted.items():
+        if layer.next_index > layer.r and not getattr(layer, "history", False):
+            raise ValueError(f"save_adapter: {name} switched without record_switches(model), so the pairs fused "
+                             f"into W are lost; call record_switches right after apply_srlora, or use export_merged")
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    state = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        owner, _, leaf = key.rpartition(".")
+        if (leaf in ADAPTER_KEYS) if owner in adapted else id(value) in trainable:
+            state[key] = value.detach()
+    return state
+
+
+def save_adapter(model: nn.Module, folder, **info) -> Path:
+    """Write adapter_state_dict(model) to folder/model.safetensors and the SRLoRAConfig, the layer
+    names and the trained parameters' names (with `info`, e.g. base_model_name_or_path) to
+    folder/srlora_config.json.  No config.json: transformers' from_pretrained refuses the folder
+    rather than load a model without the adapter.  Returns the folder."""
+    folder = Path(folder)
+    cfg, state = _common_config(model), adapter_state_dict(model)
+    adapted = {name for name, _ in srlora_layers(model)}
+    meta = {"srlora_adapter": 1, **info, "config": _config_dict(cfg), "layers": sorted(adapted),
+            "trainable": [key for key in state if key.rpartition(".")[0] not in adapted]}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    _save(state, folder / (ADAPTER_WEIGHTS if safetensors is not None else "pytorch_model.bin"))
+    return folder
+
+
+def read_adapter_config(folder) -> dict:
+    """The contents of folder/srlora_config.json; a folder without it is refused in one line."""
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ValueError(f"{folder} has no {ADAPTER_CONFIG}, so it is no SRLoRA adapter; save one with save_adapter")
+    return json.loads(path.read_text())
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, folder) -> nn.Module:
+    """Load an adapter written by save_adapter into `model`: the pretrained model it was trained
+    from, wrapped by apply_srlora with the adapter's config (read_adapter_config(folder)["config"]).
+    Rebuilds each W by replaying its switches; the trained parameters require grad again, so that
+    training can go on (the tracker and optimizer states are the Trainer's or yours to reload)."""
+    folder, meta = Path(folder), read_adapter_config(folder)
+    adapted = dict(srlora_layers(model))
+    if sorted(adapted) != meta["layers"] or _config_dict(_common_config(model)) != meta["config"]:
+        raise ValueError(f"load_adapter: the model's SRLoRA layers ({len(adapted)}) or their config are not the "
+                         f"adapter's ({len(meta['layers'])} layers, {meta['config']}); wrap the pretrained model "
+                         f"with apply_srlora(model, SRLoRAConfig(**read_adapter_config(folder)['config'])) first")
+    record_switches(model)
+    path = folder / ADAPTER_WEIGHTS
+    if path.is_file():
+        state = safetensors.torch.load_file(str(path), device=str(next(iter(adapted.values())).lora_A.device))
+    else:
+        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    result = model.load_state_dict(state, strict=False)
+    lost = result.unexpected_keys + [key for key in result.missing_keys if key.rpartition(".")[0] in adapted
+                                     and key.rpartition(".")[2] in ADAPTER_KEYS]
+    if lost:
+        raise ValueError(f"load_adapter: {lost[0]} is in the adapter or the model but not in both; load it into "
+                         f"the model it was trained from, wrapped the same way")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for key in meta["trainable"]:
+        params[key].requires_grad_(True)
+    return model

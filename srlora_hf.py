@@ -1,23 +1,180 @@
-"""SRLoRA inside Hugging Face's Trainer: one callback, SRLoRACallback.
+"""SRLoRA for Hugging Face models: wrapping, adapter saves that load, and the Trainer callback.
 
-    model = apply_srlora(model, targets=PAPER_TARGETS["llama"], r=8, r_target=64, gamma=0.5)
+    model = apply_srlora(AutoModelForCausalLM.from_pretrained(base), r=8, r_target=64)  # targets_for(model)
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[SRLoRACallback()])
     trainer.train()                                # importance every optimizer step, switches from max_steps
     trainer.train(resume_from_checkpoint=True)     # continues exactly: same switches, same weights
+    model.save_pretrained(folder)                  # the adapter alone (srlora_export.save_adapter)
+    model = from_pretrained(base, folder)          # the trained model again, bit for bit
 
-The callback does what a hand-written SRLoRA training loop does: it builds the
+apply_srlora here is srlora.apply_srlora with what a transformers model needs around it: the
+paper's targets for its model_type (targets_for), a one-line refusal of a PeftModel and of a
+target that matches nothing, dequantized bitsandbytes layers, and save_pretrained writing an SRLoRA
+adapter (srlora_export.record_switches / save_adapter): the folder holds what training changed and
+no config.json, so transformers' from_pretrained refuses it rather than load the model without
+the adapter.  The callback does what a hand-written SRLoRA training loop does: it builds the
 ImportanceTracker, calls tracker.update() once per optimizer step, runs recompose() after the
 optimizer step of every switch step of Eq. (13)-(14), and keeps the tracker's EMAs in every Trainer
-checkpoint.  The model itself (W, A, B, the basis and next_index) saves through save_pretrained.
-transformers is imported lazily, so importing this module costs nothing without it.
+checkpoint.  transformers, peft and bitsandbytes are imported lazily, so importing this module
+costs nothing without them.  Depends on srlora.py and srlora_export.py.
 """
+import dataclasses
 import os
+import types
 
 import torch
+import torch.nn as nn
 
-from srlora import FIRST_MOMENTS, SECOND_MOMENTS, ImportanceTracker, recompose, srlora_layers, switch_steps
+import srlora
+from srlora import (FIRST_MOMENTS, PAPER_TARGETS, SECOND_MOMENTS, ImportanceTracker, SRLoRAConfig, recompose,
+                    srlora_layers, switch_steps)
+from srlora_export import ADAPTER_CONFIG, load_adapter, read_adapter_config, record_switches
+from srlora_export import save_adapter as srlora_export_save
 
 TRACKER_FILE = "srlora_tracker.pt"   # written next to the model in every Trainer checkpoint folder
+
+# The paper's maps (Q, K, V, attention output, FFN) per transformers model_type.  Phi-3 fuses Q, K, V
+# into qkv_proj and the gate and up maps into gate_up_proj: the Llama names would match 4 of its 9 maps.
+MODEL_TYPE_TARGETS = {
+    **{t: PAPER_TARGETS["llama"] for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                                           "olmo", "olmo2", "granite", "smollm3")},
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    "gpt2": PAPER_TARGETS["gpt2"], "bert": PAPER_TARGETS["bert"], "roberta": PAPER_TARGETS["bert"],
+    "deberta-v2": PAPER_TARGETS["deberta-v2"], "vit": PAPER_TARGETS["vit"],
+}
+
+
+def targets_for(model) -> tuple:
+    """The paper's targets for a transformers model (or a model_type string), fused projections mapped."""
+    model_type = model if isinstance(model, str) else getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in MODEL_TYPE_TARGETS:
+        raise ValueError(f"targets_for: no targets known for model_type={model_type!r} (known: "
+                         f"{sorted(MODEL_TYPE_TARGETS)}); pass targets=(...) naming its linear layers")
+    return MODEL_TYPE_TARGETS[model_type]
+
+
+def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, **overrides) -> nn.Module:
+    """srlora.apply_srlora for a transformers model, plus what it needs around it:
+
+    - targets: targets_for(model) unless config or a targets= keyword names them; each target must
+      match some module of the model (a name that matches nothing is refused, not skipped);
+    - a PeftModel is refused: SRLoRA is the adapter, so wrap the model PEFT was given instead;
+    - bitsandbytes Linear4bit / Linear8bitLt targets are dequantized first (dequantized()), since
+      the SVD must see the weight and not its packed bytes or int8 codes;
+    - record_switches(model), and save_pretrained writes the adapter (srlora_export.save_adapter).
+    Returns model, modified in place.
+    """
+    if type(model).__name__.startswith("Peft") or hasattr(model, "peft_config"):
+        raise ValueError(f"apply_srlora: model is a {type(model).__name__}, whose adapters PEFT already trains; "
+                         f"call it on the model you gave get_peft_model (SRLoRA is the adapter), without peft_config")
+    if config is None and "targets" not in overrides:
+        overrides["targets"] = targets_for(model)
+    cfg = dataclasses.replace(config or SRLoRAConfig(), **overrides)
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [t for t in cfg.targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        hint = f"targets_for(model) gives {list(targets_for(model))}" if getattr(getattr(model, "config", None),
+                                                                            "model_type", None) in MODEL_TYPE_TARGETS else \
+            "pass name suffixes of its linear layers"
+        raise ValueError(f"apply_srlora: targets {unmatched} match no module of {type(model).__name__}; {hint}")
+    quantized = dequantize_targets(model, cfg.targets)
+    srlora.apply_srlora(model, cfg)
+    return _saves_adapters(model, quantized)
+
+
+def _saves_adapters(model: nn.Module, quantized=None) -> nn.Module:
+    """record_switches(model), and model.save_pretrained(folder) = save_adapter(model, folder)."""
+    record_switches(model)
+    if hasattr(model, "save_pretrained") and not hasattr(model.save_pretrained, "srlora"):
+        if quantized is not None:
+            model.srlora_dequantized = quantized
+        model.save_pretrained = types.MethodType(_save_pretrained, model)
+    if quantized:   # the Trainer refuses a quantized model "without trainable adapters" unless this is set
+        model._hf_peft_config_loaded = True
+    return model
+
+
+def _save_pretrained(self, save_directory, state_dict=None, is_main_process=True, push_to_hub=False, **ignored):
+    # What the Trainer and a user call: an adapter folder, whatever shard size or serialization is asked.
+    if push_to_hub:
+        raise ValueError("save_pretrained(push_to_hub=True): an SRLoRA adapter is pushed as a folder; "
+                         "save it, then upload the folder with huggingface_hub.upload_folder")
+    if is_main_process:
+        save_adapter(self, save_directory)
+
+
+_save_pretrained.srlora = True
+
+
+def save_adapter(model: nn.Module, folder):
+    """srlora_export.save_adapter, with the base model's name and the dequantized layer types."""
+    return srlora_export_save(model, folder, base_model_name_or_path=getattr(model, "name_or_path", None) or None,
+                              dequantized=getattr(model, "srlora_dequantized", {}))
+
+
+def from_pretrained(base, adapter_dir, model_class=None, **kwargs) -> nn.Module:
+    """The model trained in adapter_dir: `base` (a name or folder, loaded with
+    model_class.from_pretrained(base, **kwargs), AutoModelForCausalLM by default; or the pretrained
+    model itself) wrapped with the adapter's SRLoRAConfig, its switches replayed (load_adapter)."""
+    meta = read_adapter_config(adapter_dir)
+    if isinstance(base, (str, os.PathLike)):
+        if model_class is None:
+            from transformers import AutoModelForCausalLM as model_class
+        base = model_class.from_pretrained(base, **kwargs)
+    kinds = {name: type(base.get_submodule(name)).__name__ for name in meta.get("dequantized", {})
+             if name in dict(base.named_modules())}
+    if kinds != meta.get("dequantized", {}):
+        raise ValueError(f"from_pretrained: the adapter was trained on a base with {meta.get('dequantized') or 'no'} "
+                         f"bitsandbytes layers, this one has {kinds or 'none'}; load the base as it was trained "
+                         f"(the same quantization_config)")
+    model = apply_srlora(base, SRLoRAConfig(**meta["config"]))
+    return load_adapter(model, adapter_dir)
+
+
+# --- quantized bases ------------------------------------------------------------------------
+
+def dequantize_targets(model: nn.Module, targets) -> dict:
+    """Replace every bitsandbytes Linear4bit / Linear8bitLt that `targets` match by an nn.Linear
+    holding its dequantized weight (4-bit: in the dtype it was quantized from; 8-bit: fp32), so
+    that SRLoRA decomposes the weight the quantized model computes with.  The cost is QLoRA's
+    saving on those maps: they become dense residuals in SRLoRAConfig.residual_dtype (pass
+    "bfloat16").  Re-quantizing W at every switch would pile up quantization error instead.
+    Returns {name: the bitsandbytes class name} of the layers replaced."""
+    replaced = {}
+    for name, module in list(model.named_modules()):
+        kind = type(module).__name__
+        if kind not in ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt") or not any(
+                name == t or name.endswith("." + t) for t in targets):
+            continue
+        W = dequantized(module)
+        with torch.device("meta"):
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        plain.weight = nn.Parameter(W, requires_grad=False)
+        if module.bias is not None:
+            plain.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, plain)
+        replaced[name] = kind
+    return replaced
+
+
+@torch.no_grad()
+def dequantized(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight a bitsandbytes Linear4bit or Linear8bitLt computes with."""
+    import bitsandbytes.functional as bnbf
+    weight = module.weight
+    if type(module).__name__ == "Linear8bitLt":
+        if weight.dtype != torch.int8:                               # has_fp16_weights: not quantized
+            return weight.detach().clone()
+        scb = getattr(weight, "SCB", None)
+        scb = scb if scb is not None else module.state.SCB
+        return bnbf.int8_vectorwise_dequant(weight.data, scb)        # codes * row absmax / 127, fp32
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        # The repacking rounds absmax to bf16: its weight is not the one a fresh load dequantizes to,
+        # so an adapter trained on it would not replay onto from_pretrained(base).
+        raise ValueError(f"a forward pass on CPU repacked this {type(module).__name__} (absmax now bf16); "
+                         f"call srlora_hf.apply_srlora before the model's first forward")
+    return bnbf.dequantize_4bit(weight.data, weight.quant_state)     # (out, in) in the dtype it was quantized from
 
 
 # The body of SRLoRACallback.  The class itself, a transformers.TrainerCallback, is made at its
@@ -37,9 +194,15 @@ class SRLoRACallbackLogic:
       moments="reset").  Optimizers that name their state otherwise, such as bitsandbytes' 8-bit and
       paged optimizers (state1, state2, absmax1, qmap1, ...), are left untouched: recycled slots
       then keep the old slots' moments.  The callback warns once when it sees such keys.
+    - Checkpoints: at Trainer(...) (on_init_end) the model gets record_switches and the adapter
+      save_pretrained, so each checkpoint's model.safetensors is the adapter (A, B, indices, fused
+      pairs), not the model.  A resume loads it into the freshly wrapped model, and each layer
+      replays its switches onto W: the same W, bit for bit.
     - Resume: on_save writes the tracker to TRACKER_FILE in the checkpoint folder; on_train_begin of
       a resumed run reads it from output_dir/checkpoint-<global_step>, so the EMAs, and with them
       the switch decisions, continue as if the run had not stopped.
+    - Refused at the start, in one line: adapters that do not require grad (get_peft_model or
+      SFTTrainer(peft_config=...) on top of SRLoRA freezes them, and nothing would train).
     `events` holds one record per layer switch: step, layer, slots, indices fused out and brought in.
     """
 
@@ -49,8 +212,20 @@ class SRLoRACallbackLogic:
                             f"reset and moments come from the SRLoRAConfig given to apply_srlora")
         self.tracker, self.switches, self.events, self._warned = None, set(), [], False
 
+    # At Trainer(...) time, before a resume loads a checkpoint: fused pairs recorded, adapter saves.
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        _check_trainable(model)
+        _saves_adapters(model)
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        _check_trainable(model)
         layers = [layer for _, layer in srlora_layers(model)]
+        if state.global_step == 0:
+            _saves_adapters(model)                                 # a callback added after Trainer(...)
+        elif not all(hasattr(layer, "fused_A") for layer in layers):
+            raise ValueError("SRLoRACallback: the checkpoint was loaded before the callback recorded the model's "
+                             "switches; pass it as Trainer(callbacks=[SRLoRACallback()]) or wrap with "
+                             "srlora_hf.apply_srlora")
         self.tracker = ImportanceTracker(model)
         # The largest r_target any layer kept: apply_srlora clamps it to min(m, n) per layer.
         r_target = max(layer.r_target for layer in layers)
@@ -101,6 +276,19 @@ class SRLoRACallbackLogic:
                           f"does not reset: recycled slots keep the old slots' values there (it resets "
                           f"{FIRST_MOMENTS}, and {SECOND_MOMENTS} with moments='reset')", stacklevel=2)
         self._warned = True
+
+
+def _check_trainable(model: nn.Module) -> None:
+    """Refuse, at the start, SRLoRA layers whose adapters another wrapper froze (a silent no-op)."""
+    named = srlora_layers(model)
+    if not named:
+        raise ValueError(f"SRLoRACallback: {type(model).__name__} has no SRLoRA layers; wrap it with "
+                         f"srlora_hf.apply_srlora(model, ...) before Trainer(...)")
+    frozen = [name for name, layer in named if not (layer.lora_A.requires_grad and layer.lora_B.requires_grad)]
+    if frozen:
+        raise ValueError(f"SRLoRACallback: {frozen[0]}.lora_A does not require grad ({len(frozen)} of {len(named)} "
+                         f"layers), so SRLoRA would not train (get_peft_model or SFTTrainer(peft_config=...) froze "
+                         f"it); drop peft_config and get_peft_model: SRLoRA is the adapter")
 
 
 def __getattr__(name):

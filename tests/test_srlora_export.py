@@ -143,3 +143,74 @@ def test_adapter_export_needs_the_pretrained_base(trained_net, tmp_path):
     untrained = apply_srlora(copy.deepcopy(base), targets=["query", "value"], r=4, r_target=8)
     with pytest.raises(ValueError, match="no adapted layer differs"):
         export_lora_adapter(untrained, tmp_path, base)       # PiSSA alone does not change W0 + BA
+
+
+# the SRLoRA adapter ------------------------------------------------------------------------------
+
+from srlora import ImportanceTracker, recompose, switch_steps
+from srlora_export import load_adapter, record_switches, save_adapter
+
+
+def fit(model, tracker, opt, x, y, steps, switches):
+    for step in steps:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        tracker.update()
+        opt.step()
+        opt.zero_grad()
+        if step in switches:
+            recompose(model, tracker, opt)
+
+
+@pytest.mark.parametrize("gamma", [0.25, 0.5, 1.0])
+def test_an_adapter_loaded_into_a_fresh_wrap_gives_back_w_bit_for_bit_and_training_goes_on_exactly(tmp_path, gamma):
+    base, x, y = Net(), torch.randn(32, 48), torch.randint(0, 3, (32,))
+    wrap = lambda: record_switches(apply_srlora(copy.deepcopy(base), targets=["query", "value"], r=4, r_target=12,
+                                                gamma=gamma))
+
+    def start(model):
+        model.head.requires_grad_(True)
+        return ImportanceTracker(model), torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    switches = set(switch_steps(12, 4, 12, gamma))
+    whole = wrap()
+    tracker, opt = start(whole)
+    fit(whole, tracker, opt, x, y, range(1, 13), switches)
+
+    first = wrap()
+    tracker, opt = start(first)
+    fit(first, tracker, opt, x, y, range(1, 7), switches)
+    save_adapter(first, tmp_path)
+    torch.save({"tracker": tracker.state_dict(), "opt": opt.state_dict()}, tmp_path / "state.pt")
+    resumed = apply_srlora(copy.deepcopy(base), targets=["query", "value"], r=4, r_target=12, gamma=gamma)
+    load_adapter(resumed, tmp_path)
+    for (name, a), (_, b) in zip(srlora_layers(first), srlora_layers(resumed)):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.lora_A, b.lora_A) and a.next_index == b.next_index
+    tracker, opt = ImportanceTracker(resumed), torch.optim.AdamW(
+        [p for p in resumed.parameters() if p.requires_grad], lr=1e-3)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    tracker.load_state_dict(state["tracker"]), opt.load_state_dict(state["opt"])
+    fit(resumed, tracker, opt, x, y, range(7, 13), switches)
+    assert torch.equal(resumed(x), whole(x))
+    for (name, a), (_, b) in zip(srlora_layers(whole), srlora_layers(resumed)):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.effective_weight(), b.effective_weight()), name
+
+
+def test_an_adapter_of_switches_made_before_record_switches_is_refused(trained_net, tmp_path):
+    base, model, x = trained_net                             # switched without record_switches
+    with pytest.raises(ValueError, match=r"^record_switches: query has already switched"):
+        record_switches(model)
+    with pytest.raises(ValueError, match=r"^save_adapter: query switched without record_switches"):
+        save_adapter(model, tmp_path)
+
+
+def test_an_adapter_is_refused_by_a_model_wrapped_otherwise_or_already_trained(trained_net, tmp_path):
+    base, _, x = trained_net
+    y = torch.randint(0, 3, (32,))
+    model = record_switches(apply_srlora(copy.deepcopy(base), targets=["query", "value"], r=4, r_target=12))
+    train(model, x, y, call, steps=2, r_target=12)           # two switches: next_index 8
+    save_adapter(model, tmp_path)
+    other = apply_srlora(copy.deepcopy(base), targets=["query", "value"], r=4, r_target=16)
+    with pytest.raises(ValueError, match="wrap the pretrained model with apply_srlora"):
+        load_adapter(other, tmp_path)
+    train(model, x, y, call, steps=2, r_target=12)           # two more: W holds switches the adapter lacks
+    with pytest.raises(ValueError, match="load it into a model freshly wrapped from the pretrained weights"):
+        load_adapter(model, tmp_path)

@@ -117,30 +117,71 @@ def test_llama_paper_targets_adapt_all_seven_projections_of_every_block():
     assert len(names) == 7 * 2 and {n.rsplit(".", 1)[-1] for n in names} == set(PAPER_TARGETS["llama"])
 
 
-@pytest.mark.parametrize("via", ["save_pretrained", "save_pretrained sharded", "safetensors"])
-def test_a_saved_model_loads_into_a_freshly_wrapped_one_with_identical_outputs(tmp_path, via):
-    pytest.importorskip("safetensors")
-    from safetensors.torch import load_file, save_file
-    model, _, _ = train(tmp_path / "run", max_steps=8, save_steps=1000)      # switches at 2, 4, 6, 8
-    from transformers.trainer_utils import load_sharded_checkpoint
-    # Same targets, r and r_target, but other pretrained weights, hence another basis.
-    fresh = apply_srlora(tiny_llama(1), targets=PAPER_TARGETS["llama"], r=R, r_target=R_TARGET)
-    assert not torch.equal(fresh.model.layers[0].mlp.up_proj.U, model.model.layers[0].mlp.up_proj.U)
-    if via == "save_pretrained":
-        model.save_pretrained(tmp_path / "saved")
-        fresh.load_state_dict(load_file(str(tmp_path / "saved" / "model.safetensors")), strict=True)
-    elif via == "save_pretrained sharded":
-        model.save_pretrained(tmp_path / "saved", max_shard_size="20KB")
-        assert len(list((tmp_path / "saved").glob("model-*.safetensors"))) > 1
-        load_sharded_checkpoint(fresh, str(tmp_path / "saved"), strict=True)
-    else:
-        save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
-        fresh.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=True)
-    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
-    model.eval(), fresh.eval()
+def logits(model, seed=1):
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(seed))
+    model.eval()
     with torch.no_grad():
-        assert torch.equal(fresh(ids).logits, model(ids).logits)
-    assert [l.next_index for _, l in srlora_layers(fresh)] == [l.next_index for _, l in srlora_layers(model)] == [12] * 14
+        return model(ids).logits
+
+
+def test_save_pretrained_writes_an_adapter_that_from_pretrained_gives_back_bit_for_bit(tmp_path):
+    from safetensors.torch import load_file
+    from srlora_hf import from_pretrained
+    model, _, _ = train(tmp_path / "run", max_steps=8, save_steps=1000)      # switches at 2, 4, 6, 8
+    model.save_pretrained(tmp_path / "adapter")
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["model.safetensors", "srlora_config.json"]   # no config.json
+    saved = load_file(str(tmp_path / "adapter" / "model.safetensors"))
+    assert {k.rsplit(".", 1)[-1] for k in saved} == {"lora_A", "lora_B", "active_indices", "_extra_state",
+                                                     "fused_A", "fused_B"}   # no W, no basis, no embedding
+    fresh = from_pretrained(tiny_llama(0), tmp_path / "adapter")             # the same pretrained weights
+    for (name, a), (_, b) in zip(srlora_layers(model), srlora_layers(fresh)):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.effective_weight(), b.effective_weight()), name
+        assert b.next_index == a.next_index == 12 and torch.equal(a.active_indices, b.active_indices)
+    assert torch.equal(logits(fresh), logits(model))
+    assert all(l.lora_A.requires_grad for _, l in srlora_layers(fresh))      # training can go on from it
+
+
+def test_from_pretrained_takes_a_base_folder_and_the_adapter_folder(tmp_path):
+    from srlora_hf import from_pretrained
+    tiny_llama(0).save_pretrained(tmp_path / "base")                         # stands in for a Hub name
+    model, _, _ = train(tmp_path / "run", max_steps=4, save_steps=1000)
+    model.save_pretrained(tmp_path / "adapter")
+    assert torch.equal(logits(from_pretrained(str(tmp_path / "base"), tmp_path / "adapter")), logits(model))
+
+
+def test_transformers_from_pretrained_refuses_an_srlora_folder_instead_of_loading_it_without_the_adapter(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, _, _ = train(tmp_path / "run", max_steps=4, save_steps=2)
+    model.save_pretrained(tmp_path / "adapter")
+    for folder in (tmp_path / "adapter", tmp_path / "run" / "checkpoint-4"):
+        with pytest.raises((ValueError, OSError)):
+            transformers.AutoModelForCausalLM.from_pretrained(str(folder))
+
+
+def test_trainer_checkpoints_hold_the_adapter_not_the_model(tmp_path):
+    from safetensors.torch import load_file
+    model, _, _ = train(tmp_path / "run", max_steps=6, save_steps=6)
+    folder = tmp_path / "run" / "checkpoint-6"
+    assert not (folder / "config.json").exists() and (folder / "srlora_config.json").exists()
+    adapter = sum(v.numel() * v.element_size() for v in load_file(str(folder / "model.safetensors")).values())
+    whole = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    # per layer: A, B and the fused pairs, r_target (m + n) fp32 numbers, as a LoRA adapter of rank r_target;
+    # and active_indices (r int64) and (next_index, r, alpha) (3 float64)
+    formula = sum(4 * R_TARGET * (l.in_features + l.out_features) + 8 * R + 24 for _, l in srlora_layers(model))
+    assert adapter == formula and adapter < whole / 3       # a tiny model: 7B ratios in docs/HUGGINGFACE.md
+
+
+def test_a_whole_state_dict_still_loads_into_a_freshly_wrapped_model(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from srlora_hf import apply_srlora as hf_apply
+    model, _, _ = train(tmp_path / "run", max_steps=8, save_steps=1000)
+    save_file(model.state_dict(), str(tmp_path / "whole.safetensors"))      # W itself, and the fused pairs
+    fresh = hf_apply(tiny_llama(1), r=R, r_target=R_TARGET)                  # other weights: the file has them all
+    fresh.load_state_dict(load_file(str(tmp_path / "whole.safetensors")), strict=True)
+    assert torch.equal(logits(fresh), logits(model))
+    fresh.save_pretrained(tmp_path / "adapter")                              # and its adapter is complete
+    assert torch.equal(logits(__import__("srlora_hf").from_pretrained(tiny_llama(0), tmp_path / "adapter")),
+                       logits(model))
 
 
 def test_importance_with_gradient_accumulation_equals_importance_of_one_big_batch(tmp_path):
@@ -212,3 +253,103 @@ def test_an_optimizer_with_unknown_state_keys_trains_and_is_warned_about_once(tm
     with pytest.warns(UserWarning, match=r"keeps state \['state1'\]") as warned:
         _, callback, _ = train(tmp_path / "run", max_steps=12, model=model, optimizers=(opt, None), save_steps=1000)
     assert len([w for w in warned if "keeps state" in str(w.message)]) == 1 and len(callback.events) == 4 * 14
+
+
+# PEFT and TRL on top of SRLoRA: refused at the start -----------------------------------------------
+
+def test_get_peft_model_on_top_of_srlora_is_refused_when_the_trainer_is_made(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = apply_srlora(tiny_llama(0), targets=PAPER_TARGETS["llama"], r=R, r_target=R_TARGET)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"^SRLoRACallback: .*lora_A does not require grad .*drop peft_config") as e:
+        train(tmp_path / "run", max_steps=4, model=wrapped)
+    assert "\n" not in str(e.value)
+
+
+def test_sft_trainer_with_peft_config_on_srlora_is_refused_before_training(tmp_path):
+    trl = pytest.importorskip("trl")
+    peft = pytest.importorskip("peft")
+    datasets = pytest.importorskip("datasets")
+    from srlora_hf import SRLoRACallback
+    model = apply_srlora(tiny_llama(0), targets=PAPER_TARGETS["llama"], r=R, r_target=R_TARGET)
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"t{i}": i for i in range(64)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                        pad_token="t0", eos_token="t1")
+    ds = datasets.Dataset.from_list([{"input_ids": x["input_ids"].tolist()} for x in token_data(8)])
+    args = trl.SFTConfig(str(tmp_path), max_steps=2, report_to=[], use_cpu=True, disable_tqdm=True)
+    with pytest.raises(ValueError, match=r"^SRLoRACallback: .*SFTTrainer\(peft_config=...\) froze it\); drop"):
+        trl.SFTTrainer(model=model, args=args, train_dataset=ds, callbacks=[SRLoRACallback()], processing_class=tokenizer,
+                       peft_config=peft.LoraConfig(r=4, target_modules=["q_proj"]))
+
+
+def test_apply_srlora_on_a_peft_model_is_refused_in_one_line_without_suggesting_peft_modules():
+    peft = pytest.importorskip("peft")
+    from srlora_hf import apply_srlora as hf_apply
+    wrapped = peft.get_peft_model(tiny_llama(0), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"^apply_srlora: model is a PeftModel, .*without peft_config$") as e:
+        hf_apply(wrapped, r=R, r_target=R_TARGET)
+    assert "base_layer" not in str(e.value) and "default" not in str(e.value)
+
+
+# targets -------------------------------------------------------------------------------------------
+
+def test_a_target_that_matches_nothing_is_refused_and_targets_for_maps_phi3s_fused_projections():
+    transformers = pytest.importorskip("transformers")
+    from srlora_hf import apply_srlora as hf_apply, targets_for
+    torch.manual_seed(0)
+    phi3 = transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, pad_token_id=0))
+    with pytest.raises(ValueError, match=r"^apply_srlora: targets \['q_proj', 'k_proj', 'v_proj', 'gate_proj', "
+                                         r"'up_proj'\] match no module of Phi3ForCausalLM; targets_for\(model\) gives"):
+        hf_apply(phi3, targets=PAPER_TARGETS["llama"], r=R, r_target=R_TARGET)
+    hf_apply(phi3, r=R, r_target=R_TARGET)                                   # targets_for(phi3) by default
+    assert len(srlora_layers(phi3)) == 2 * len(targets_for(phi3)) == 2 * 4   # every map of every block
+    assert targets_for(tiny_llama(0)) == PAPER_TARGETS["llama"]
+    with pytest.raises(ValueError, match=r"^targets_for: no targets known for model_type='t5'"):
+        targets_for("t5")
+
+
+# quantized bases -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_bitsandbytes_base_is_decomposed_from_its_dequantized_weight_and_its_adapter_replays(tmp_path, bits):
+    bnb = pytest.importorskip("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    from srlora_hf import apply_srlora as hf_apply, dequantized, from_pretrained
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    quant = transformers.BitsAndBytesConfig(**{f"load_in_{bits}bit": True})
+    load = lambda: transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base"), quantization_config=quant,
+                                                                device_map="cpu")
+    base = load()
+    layer = base.model.layers[0].mlp.down_proj
+    assert isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    W = dequantized(layer)
+    W_fp32 = tiny_llama(0).model.layers[0].mlp.down_proj.weight
+    assert W.shape == W_fp32.shape and (W - W_fp32).abs().max() < (0.2 if bits == 4 else 0.01) * W_fp32.abs().max()
+    model = hf_apply(base, r=R, r_target=R_TARGET)
+    torch.testing.assert_close(model.model.layers[0].mlp.down_proj.effective_weight(), W, rtol=0, atol=1e-6 * W.abs().max().item())  # PiSSA of that very weight
+    _, callback, _ = train(tmp_path / "run", max_steps=4, model=model, save_steps=1000)
+    assert len(callback.events) == 4 * 14
+    model.save_pretrained(tmp_path / "adapter")
+    assert torch.equal(logits(from_pretrained(str(tmp_path / "base"), tmp_path / "adapter", quantization_config=quant,
+                                              device_map="cpu")), logits(model))
+    with pytest.raises(ValueError, match=r"^from_pretrained: the adapter was trained on a base with .*quantization_config"):
+        from_pretrained(str(tmp_path / "base"), tmp_path / "adapter")        # the unquantized base: another W0
+
+
+def test_a_4bit_layer_repacked_by_a_cpu_forward_is_refused_in_one_line(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    from srlora_hf import apply_srlora as hf_apply
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    base = transformers.LlamaForCausalLM.from_pretrained(
+        str(tmp_path / "base"), quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True), device_map="cpu")
+    with torch.no_grad():
+        base.model.layers[0].mlp.down_proj(torch.randn(2, 64))             # eval, no grad: the packed CPU kernel
+    if not getattr(base.model.layers[0].mlp.down_proj.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("this CPU's bitsandbytes kernel does not repack")
+    with pytest.raises(ValueError, match=r"^a forward pass on CPU repacked this Linear4bit .*before the model's first forward$"):
+        hf_apply(base, r=R, r_target=R_TARGET)
