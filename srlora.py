@@ -161,6 +161,9 @@ class SRLoRALinear(nn.Linear):
         if isinstance(base, SRLoRALinear) or not isinstance(base, nn.Linear) and not is_conv1d(base):
             raise ValueError(f"SRLoRALinear wraps an nn.Linear or a transformers Conv1D, got "
                              f"{type(base).__name__}; choose targets that name such modules, once")
+        if not base.weight.dtype.is_floating_point or hasattr(base.weight, "quant_state"):   # bitsandbytes
+            raise ValueError(f"SRLoRALinear: a quantized {type(base).__name__} stores packed codes, not W; wrap "
+                             f"the model with srlora_hf.apply_srlora, which dequantizes W for the SVD")
         m, n = _out_in_weight(base).shape
         r, d = cfg.r, min(m, n)
         if r > d:
@@ -555,8 +558,9 @@ def _weight_names(model: nn.Module) -> dict:
 def _linear_names(model):
     """Last name parts of the modules apply_srlora can wrap, tied weights left out."""
     weight_names = _weight_names(model)
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                   if _wrappable(m) and len(weight_names.get(id(m.weight), ())) <= 1})
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()     # not PEFT's own layers
+                   if _wrappable(m) and len(weight_names.get(id(m.weight), ())) <= 1
+                   and not any(part in ("base_layer", "lora_A", "lora_B") for part in name.split("."))})
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

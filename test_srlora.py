@@ -739,3 +739,12 @@ def test_200_fuse_reinit_cycles_under_bf16_autocast_keep_the_effective_weight_wi
     assert layer.next_index == 202
     scale = layer.effective_weight().detach().double().abs().max()
     assert drift.abs().max() / scale < 1e-4
+
+
+def test_a_quantized_layer_is_refused_naming_the_route_that_dequantizes_it():
+    class Int8Linear(nn.Linear):                 # what bitsandbytes' Linear8bitLt stores: int8 codes
+        def __init__(self):
+            super().__init__(8, 8)
+            self.weight = nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match=r"stores packed codes, not W; wrap the model with srlora_hf.apply_srlora"):
+        SRLoRALinear(Int8Linear(), r=2, r_target=4)
