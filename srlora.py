@@ -60,10 +60,9 @@ class SRLoRAConfig:
                 (0.0 <= self.beta2 < 1.0, f"beta2={self.beta2} is outside [0, 1); it is an EMA factor, e.g. 0.85"),
                 (all(isinstance(t, str) and t for t in self.targets) and self.targets != (),
                  f"targets={self.targets!r} must be module name suffixes, e.g. ('query', 'value')"),
-                (self.init in ("pissa", "lora"), f"init={self.init!r} is unknown; use 'pissa' or 'lora'"),
-                (self.reset in ("recycled", "all"), f"reset={self.reset!r} is unknown; use 'recycled' or 'all'"),
-                (self.moments in ("keep", "reset"), f"moments={self.moments!r} is unknown; use 'keep' or 'reset'"),
-                (self.svd in ("auto", "full", "lowrank"), f"svd={self.svd!r} is unknown; use 'auto', 'full' or 'lowrank'"),
+                *((getattr(self, name) in allowed, f"{name}={getattr(self, name)!r} is unknown; use one of {allowed}")
+                  for name, allowed in (("init", ("pissa", "lora")), ("reset", ("recycled", "all")),
+                                        ("moments", ("keep", "reset")), ("svd", ("auto", "full", "lowrank")))),
                 (dtype is None or isinstance(getattr(torch, dtype, None), torch.dtype)
                  and getattr(torch, dtype).is_floating_point, f"residual_dtype={dtype!r} is not a floating dtype; "
                  f"use None (the model's dtype), 'float32' or 'bfloat16'")):
@@ -360,9 +359,8 @@ class ImportanceTracker:
     def _check_current(self):
         # fully_shard (or anything that re-registers lora_A / lora_B) replaces the Parameters;
         # EMAs of the old ones would silently never update again.
-        L = len(self.layers)
-        for i, (name, layer) in enumerate(zip(self.names, self.layers)):
-            if self.params[i] is not layer.lora_A or self.params[L + i] is not layer.lora_B:
+        for name, layer, a, b in zip(self.names, self.layers, self.params, self.params[len(self.layers):]):
+            if a is not layer.lora_A or b is not layer.lora_B:
                 raise RuntimeError(f"ImportanceTracker: {name}.lora_A / lora_B are not the tensors the tracker "
                                    f"was created with (fully_shard replaces them); create the tracker after "
                                    f"fully_shard(model)")
