@@ -149,6 +149,50 @@ def test_from_pretrained_takes_a_base_folder_and_the_adapter_folder(tmp_path):
     assert torch.equal(logits(from_pretrained(str(tmp_path / "base"), tmp_path / "adapter")), logits(model))
 
 
+def tiny_family(family, seed=0):
+    """A tiny model of `family` from its config (random weights, vocab 64), and whether it generates."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    if family == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2))
+    if family == "gpt2":                                     # Conv1D maps; lm_head tied to wte, not adapted
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0))
+    return transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        num_labels=3))
+
+
+@pytest.mark.parametrize("family, layers", [("qwen2", 14), ("gpt2", 8), ("bert", 12)])
+def test_an_adapter_trained_with_switches_reloads_with_identical_logits_and_greedy_tokens(tmp_path, family, layers):
+    from srlora import ImportanceTracker, recompose
+    from srlora_hf import apply_srlora as hf_apply, from_pretrained
+    model = hf_apply(tiny_family(family), r=R, r_target=R_TARGET)           # targets_for(model)
+    if family == "bert":
+        model.classifier.requires_grad_(True)                                # a trained head travels too
+    assert len(srlora_layers(model)) == layers
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 0]) if family == "bert" else ids
+    tracker = ImportanceTracker(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(4):                                                       # a switch after every step
+        model(input_ids=ids, labels=labels).loss.backward()
+        tracker.update()
+        opt.step()
+        opt.zero_grad()
+        recompose(model, tracker, opt)
+    assert all(layer.next_index == R_TARGET for _, layer in srlora_layers(model))
+    model.save_pretrained(tmp_path)
+    fresh = from_pretrained(tiny_family(family), tmp_path)                   # the same pretrained weights
+    assert torch.equal(logits(fresh), logits(model))
+    if family != "bert":
+        prompt, greedy = ids[:1, :4], dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            assert torch.equal(fresh.generate(prompt, **greedy), model.generate(prompt, **greedy))
+
+
 def test_transformers_from_pretrained_refuses_an_srlora_folder_instead_of_loading_it_without_the_adapter(tmp_path):
     transformers = pytest.importorskip("transformers")
     model, _, _ = train(tmp_path / "run", max_steps=4, save_steps=2)
