@@ -89,7 +89,9 @@ def _saves_adapters(model: nn.Module, quantized=None) -> nn.Module:
         if quantized is not None:
             model.srlora_dequantized = quantized
         model.save_pretrained = types.MethodType(_save_pretrained, model)
-    if quantized:   # the Trainer refuses a quantized model "without trainable adapters" unless this is set
+    # The Trainer refuses a quantized model "without trainable adapters" unless this is set: one whose
+    # bitsandbytes targets were dequantized, and one loaded from a GGUF file (dequantized on load).
+    if quantized or getattr(model, "hf_quantizer", None) is not None:
         model._hf_peft_config_loaded = True
     return model
 
