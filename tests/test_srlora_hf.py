@@ -107,7 +107,7 @@ def train(out, max_steps=24, batch=4, accumulation=2, resume=False, optim="adamw
         report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=token_data(), callbacks=[callback],
                                    optimizers=optimizers)
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=resume or None)            # True, or a checkpoint folder
     return model, callback, trainer
 
 
@@ -260,6 +260,56 @@ def test_resuming_without_the_tracker_file_is_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=f"checkpoint-12.{TRACKER_FILE} is missing") as e:
         train(tmp_path / "run", max_steps=24, resume=True)
     assert "\n" not in str(e.value)
+
+
+
+def test_the_callback_resumes_from_the_folder_given_to_resume_from_checkpoint(tmp_path):
+    whole, whole_cb, _ = train(tmp_path / "whole", max_steps=24, save_steps=12)
+    shutil.copytree(tmp_path / "whole" / "checkpoint-12", tmp_path / "elsewhere" / "checkpoint-12")
+    shutil.rmtree(tmp_path / "whole" / "checkpoint-12")            # not under the new run's output_dir either
+    resumed, resumed_cb, _ = train(tmp_path / "new", max_steps=24, resume=str(tmp_path / "elsewhere" / "checkpoint-12"))
+    assert resumed_cb.events == [e for e in whole_cb.events if e["step"] > 12] != []
+    for x, y in zip(whole_cb.tracker.ibar + whole_cb.tracker.ubar, resumed_cb.tracker.ibar + resumed_cb.tracker.ubar):
+        assert torch.equal(x, y)
+    assert torch.equal(logits(resumed), logits(whole))
+
+
+def test_a_wrapped_lm_head_lost_to_resize_token_embeddings_is_refused_at_save_and_at_train_begin(tmp_path):
+    from srlora_hf import apply_srlora as hf_apply
+    model = hf_apply(tiny_llama(0), targets=PAPER_TARGETS["llama"] + ("lm_head",), r=R, r_target=R_TARGET)
+    model.resize_token_embeddings(80)                              # lm_head: a new nn.Linear, the residual only
+    message = r"lm_head matches the SRLoRA targets but is a plain Linear now, .*call resize_token_embeddings before apply_srlora$"
+    with pytest.raises(ValueError, match="^save_pretrained: " + message):
+        model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="^SRLoRACallback: " + message):
+        train(tmp_path / "run", max_steps=2, model=model)
+
+
+def test_a_cast_after_wrapping_that_makes_the_adapters_bf16_is_warned_about_in_one_line(tmp_path):
+    from srlora_hf import apply_srlora as hf_apply
+    model = hf_apply(tiny_llama(0), r=R, r_target=R_TARGET).to(torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"lora_A is torch.bfloat16 \(14 layers\): a cast after apply_srlora .*"
+                                         r"cast the model before apply_srlora") as warned:
+        train(tmp_path / "run", max_steps=2, model=model, save_steps=1000)
+    assert all("\n" not in str(w.message) for w in warned)
+    fine = hf_apply(tiny_llama(0).to(torch.bfloat16), r=R, r_target=R_TARGET)   # cast first: A, B stay fp32
+    assert all(layer.lora_A.dtype == torch.float32 for _, layer in srlora_layers(fine))
+
+
+def test_print_trainable_parameters_and_merge_and_unload_are_the_peft_habits(tmp_path, capsys):
+    from srlora_hf import apply_srlora as hf_apply, merge_and_unload, print_trainable_parameters
+    model, _, _ = train(tmp_path / "run", max_steps=4, save_steps=1000,
+                        model=hf_apply(tiny_llama(0), r=R, r_target=R_TARGET))
+    capsys.readouterr()
+    print_trainable_parameters(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert capsys.readouterr().out.startswith(f"trainable params: {trainable:,d} || all params: ")
+    before = logits(model)
+    merged = merge_and_unload(model)
+    assert merged is model and srlora_layers(model) == [] and type(model.model.layers[0].mlp.down_proj) is nn.Linear
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path / "merged")                     # transformers' own save_pretrained again
+    assert (tmp_path / "merged" / "config.json").exists()
 
 
 @pytest.mark.filterwarnings("ignore:optimizer Adafactor keeps state")       # its factored 2nd moment: expected
