@@ -342,6 +342,20 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
+class SRLoRAPeftConfig:
+    """What a PEFT user reaches for, get_peft_model(model, SRLoRAPeftConfig(...)): refused in one line.
+
+    PEFT 0.21 registers only members of its closed PeftType enum, and every PeftModel feature
+    (disable_adapter, unmerge, several adapters on one base, PeftModel.from_pretrained) assumes the
+    base layer keeps W0, which SRLoRA's switches rewrite.  docs/HUGGINGFACE.md gives the reasoning."""
+
+    def __init__(self, *args, **kwargs):
+        raise ValueError("SRLoRAPeftConfig: SRLoRA is no PEFT method (PEFT has no registration for outside methods, "
+                         "and its base layer must stay W0 while SRLoRA's switches rewrite W); use "
+                         "srlora_hf.apply_srlora(model, r=..., r_target=...), model.save_pretrained(folder) and "
+                         "srlora_hf.from_pretrained(base, folder)")
+
+
 def _check_trainable(model: nn.Module) -> None:
     """Refuse, at the start, SRLoRA layers whose adapters another wrapper froze (a silent no-op)."""
     named = srlora_layers(model)

@@ -387,6 +387,14 @@ def test_apply_srlora_on_a_peft_model_is_refused_in_one_line_without_suggesting_
     assert "base_layer" not in str(e.value) and "default" not in str(e.value)
 
 
+
+def test_the_peft_route_is_refused_in_one_line_that_names_the_srlora_route():
+    from srlora_hf import SRLoRAPeftConfig
+    with pytest.raises(ValueError, match=r"^SRLoRAPeftConfig: SRLoRA is no PEFT method .*srlora_hf.apply_srlora\(model, "
+                                         r"r=\.\.\., r_target=\.\.\.\), .*srlora_hf.from_pretrained\(base, folder\)$") as e:
+        SRLoRAPeftConfig(r=8, r_target=64)
+    assert "\n" not in str(e.value)
+
 # targets -------------------------------------------------------------------------------------------
 
 def test_a_target_that_matches_nothing_is_refused_and_targets_for_maps_phi3s_fused_projections():
