@@ -20,6 +20,7 @@ costs nothing without them.  Depends on srlora.py and srlora_export.py.
 """
 import dataclasses
 import os
+import sys
 import types
 
 import torch
@@ -89,7 +90,9 @@ def _saves_adapters(model: nn.Module, quantized=None) -> nn.Module:
         if quantized is not None:
             model.srlora_dequantized = quantized
         model.save_pretrained = types.MethodType(_save_pretrained, model)
-    if quantized:   # the Trainer refuses a quantized model "without trainable adapters" unless this is set
+    # The Trainer refuses a quantized model "without trainable adapters" unless this is set: one whose
+    # bitsandbytes targets were dequantized, and one loaded from a GGUF file (dequantized on load).
+    if quantized or getattr(model, "hf_quantizer", None) is not None:
         model._hf_peft_config_loaded = True
     return model
 
@@ -100,6 +103,7 @@ def _save_pretrained(self, save_directory, state_dict=None, is_main_process=True
         raise ValueError("save_pretrained(push_to_hub=True): an SRLoRA adapter is pushed as a folder; "
                          "save it, then upload the folder with huggingface_hub.upload_folder")
     if is_main_process:
+        _check_intact(self, "save_pretrained")
         save_adapter(self, save_directory)
 
 
@@ -219,6 +223,8 @@ class SRLoRACallbackLogic:
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         _check_trainable(model)
+        _check_intact(model, "SRLoRACallback")
+        _warn_adapter_dtype(model)
         layers = [layer for _, layer in srlora_layers(model)]
         if state.global_step == 0:
             _saves_adapters(model)                                 # a callback added after Trainer(...)
@@ -231,11 +237,10 @@ class SRLoRACallbackLogic:
         r_target = max(layer.r_target for layer in layers)
         self.switches = set(switch_steps(state.max_steps, layers[0].r, r_target, layers[0].config.gamma))
         if state.global_step > 0:                                  # resumed from a checkpoint
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", TRACKER_FILE)
+            path = os.path.join(_resumed_from(args, state), TRACKER_FILE)
             if not os.path.isfile(path):
                 raise ValueError(f"resume_from_checkpoint: {path} is missing, so the importance EMAs "
-                                 f"would restart; resume from a checkpoint that SRLoRACallback wrote "
-                                 f"in args.output_dir")
+                                 f"would restart; resume from a checkpoint that SRLoRACallback wrote")
             self.tracker.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     # Importance sees the gradients the optimizer is about to apply: this hook fires after the
@@ -276,6 +281,79 @@ class SRLoRACallbackLogic:
                           f"does not reset: recycled slots keep the old slots' values there (it resets "
                           f"{FIRST_MOMENTS}, and {SECOND_MOMENTS} with moments='reset')", stacklevel=2)
         self._warned = True
+
+
+def _resumed_from(args, state) -> str:
+    """The checkpoint folder trainer.train(resume_from_checkpoint=...) loaded.
+
+    The Trainer hands callbacks neither the path nor itself, so this reads the resume_from_checkpoint
+    local of the Trainer's _inner_training_loop frame, which holds the folder whether a path or True
+    was given (transformers 5.23; tests/test_srlora_hf.py resumes from a folder outside output_dir).
+    Elsewhere: output_dir/checkpoint-<global_step>, where resume_from_checkpoint=True looks."""
+    frame = sys._getframe()
+    while frame is not None:
+        path = frame.f_locals.get("resume_from_checkpoint") if frame.f_code.co_name == "_inner_training_loop" else None
+        if isinstance(path, (str, os.PathLike)):
+            return os.fspath(path)
+        frame = frame.f_back
+    return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+
+
+def _check_intact(model: nn.Module, where: str) -> None:
+    """Refuse a model in which a linear layer that the SRLoRA targets match is no SRLoRA layer any more:
+    resize_token_embeddings replaces a wrapped lm_head by a plain Linear holding only the residual W."""
+    named = srlora_layers(model)
+    targets = named[0][1].config.targets if named else ()
+    for name, m in model.named_modules():
+        if ((isinstance(m, nn.Linear) or srlora.is_conv1d(m)) and not isinstance(m, srlora.SRLoRALinear)
+                and any(name == t or name.endswith("." + t) for t in targets)
+                and not any(part in ("base_layer", "lora_A", "lora_B") for part in name.split("."))):
+            raise ValueError(f"{where}: {name} matches the SRLoRA targets but is a plain {type(m).__name__} now, "
+                             f"holding the residual W without its adapter (resize_token_embeddings replaces "
+                             f"lm_head and the embeddings); call resize_token_embeddings before apply_srlora")
+
+
+def _warn_adapter_dtype(model: nn.Module) -> None:
+    """Warn in one line when a cast after wrapping (model.to(torch.bfloat16)) made the adapters half precision."""
+    low = [(name, layer.lora_A.dtype) for name, layer in srlora_layers(model) if layer.lora_A.dtype.itemsize < 4]
+    if low:
+        import warnings
+        warnings.warn(f"{low[0][0]}.lora_A is {low[0][1]} ({len(low)} layers): a cast after "
+                      f"apply_srlora changed the adapters, whose AdamW steps then mostly round away and whose "
+                      f"switches no longer replay exactly; cast the model before apply_srlora, which keeps A and B "
+                      f"in fp32", stacklevel=3)
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """PeftModel.print_trainable_parameters for an SRLoRA model: the same line, counting parameters
+    (W, A, B, biases, the rest), not buffers (the basis, the fused pairs)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """PeftModel.merge_and_unload for an SRLoRA model: srlora.merge_srlora (every SRLoRA layer back to
+    the layer type it wrapped, holding W + scaling B A), and the model's own save_pretrained and
+    Trainer checks back.  Returns model, a plain transformers model again."""
+    srlora.merge_srlora(model)
+    for attribute in ("save_pretrained", "srlora_dequantized", "_hf_peft_config_loaded"):
+        model.__dict__.pop(attribute, None)         # the instance attributes _saves_adapters set
+    return model
+
+
+class SRLoRAPeftConfig:
+    """What a PEFT user reaches for, get_peft_model(model, SRLoRAPeftConfig(...)): refused in one line.
+
+    PEFT 0.21 registers only members of its closed PeftType enum, and every PeftModel feature
+    (disable_adapter, unmerge, several adapters on one base, PeftModel.from_pretrained) assumes the
+    base layer keeps W0, which SRLoRA's switches rewrite.  docs/HUGGINGFACE.md gives the reasoning."""
+
+    def __init__(self, *args, **kwargs):
+        raise ValueError("SRLoRAPeftConfig: SRLoRA is no PEFT method (PEFT has no registration for outside methods, "
+                         "and its base layer must stay W0 while SRLoRA's switches rewrite W); use "
+                         "srlora_hf.apply_srlora(model, r=..., r_target=...), model.save_pretrained(folder) and "
+                         "srlora_hf.from_pretrained(base, folder)")
 
 
 def _check_trainable(model: nn.Module) -> None:

@@ -107,7 +107,7 @@ def train(out, max_steps=24, batch=4, accumulation=2, resume=False, optim="adamw
         report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=token_data(), callbacks=[callback],
                                    optimizers=optimizers)
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=resume or None)            # True, or a checkpoint folder
     return model, callback, trainer
 
 
@@ -147,6 +147,50 @@ def test_from_pretrained_takes_a_base_folder_and_the_adapter_folder(tmp_path):
     model, _, _ = train(tmp_path / "run", max_steps=4, save_steps=1000)
     model.save_pretrained(tmp_path / "adapter")
     assert torch.equal(logits(from_pretrained(str(tmp_path / "base"), tmp_path / "adapter")), logits(model))
+
+
+def tiny_family(family, seed=0):
+    """A tiny model of `family` from its config (random weights, vocab 64), and whether it generates."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    if family == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2))
+    if family == "gpt2":                                     # Conv1D maps; lm_head tied to wte, not adapted
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0))
+    return transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        num_labels=3))
+
+
+@pytest.mark.parametrize("family, layers", [("qwen2", 14), ("gpt2", 8), ("bert", 12)])
+def test_an_adapter_trained_with_switches_reloads_with_identical_logits_and_greedy_tokens(tmp_path, family, layers):
+    from srlora import ImportanceTracker, recompose
+    from srlora_hf import apply_srlora as hf_apply, from_pretrained
+    model = hf_apply(tiny_family(family), r=R, r_target=R_TARGET)           # targets_for(model)
+    if family == "bert":
+        model.classifier.requires_grad_(True)                                # a trained head travels too
+    assert len(srlora_layers(model)) == layers
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 0]) if family == "bert" else ids
+    tracker = ImportanceTracker(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(4):                                                       # a switch after every step
+        model(input_ids=ids, labels=labels).loss.backward()
+        tracker.update()
+        opt.step()
+        opt.zero_grad()
+        recompose(model, tracker, opt)
+    assert all(layer.next_index == R_TARGET for _, layer in srlora_layers(model))
+    model.save_pretrained(tmp_path)
+    fresh = from_pretrained(tiny_family(family), tmp_path)                   # the same pretrained weights
+    assert torch.equal(logits(fresh), logits(model))
+    if family != "bert":
+        prompt, greedy = ids[:1, :4], dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            assert torch.equal(fresh.generate(prompt, **greedy), model.generate(prompt, **greedy))
 
 
 def test_transformers_from_pretrained_refuses_an_srlora_folder_instead_of_loading_it_without_the_adapter(tmp_path):
@@ -216,6 +260,56 @@ def test_resuming_without_the_tracker_file_is_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=f"checkpoint-12.{TRACKER_FILE} is missing") as e:
         train(tmp_path / "run", max_steps=24, resume=True)
     assert "\n" not in str(e.value)
+
+
+
+def test_the_callback_resumes_from_the_folder_given_to_resume_from_checkpoint(tmp_path):
+    whole, whole_cb, _ = train(tmp_path / "whole", max_steps=24, save_steps=12)
+    shutil.copytree(tmp_path / "whole" / "checkpoint-12", tmp_path / "elsewhere" / "checkpoint-12")
+    shutil.rmtree(tmp_path / "whole" / "checkpoint-12")            # not under the new run's output_dir either
+    resumed, resumed_cb, _ = train(tmp_path / "new", max_steps=24, resume=str(tmp_path / "elsewhere" / "checkpoint-12"))
+    assert resumed_cb.events == [e for e in whole_cb.events if e["step"] > 12] != []
+    for x, y in zip(whole_cb.tracker.ibar + whole_cb.tracker.ubar, resumed_cb.tracker.ibar + resumed_cb.tracker.ubar):
+        assert torch.equal(x, y)
+    assert torch.equal(logits(resumed), logits(whole))
+
+
+def test_a_wrapped_lm_head_lost_to_resize_token_embeddings_is_refused_at_save_and_at_train_begin(tmp_path):
+    from srlora_hf import apply_srlora as hf_apply
+    model = hf_apply(tiny_llama(0), targets=PAPER_TARGETS["llama"] + ("lm_head",), r=R, r_target=R_TARGET)
+    model.resize_token_embeddings(80)                              # lm_head: a new nn.Linear, the residual only
+    message = r"lm_head matches the SRLoRA targets but is a plain Linear now, .*call resize_token_embeddings before apply_srlora$"
+    with pytest.raises(ValueError, match="^save_pretrained: " + message):
+        model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="^SRLoRACallback: " + message):
+        train(tmp_path / "run", max_steps=2, model=model)
+
+
+def test_a_cast_after_wrapping_that_makes_the_adapters_bf16_is_warned_about_in_one_line(tmp_path):
+    from srlora_hf import apply_srlora as hf_apply
+    model = hf_apply(tiny_llama(0), r=R, r_target=R_TARGET).to(torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"lora_A is torch.bfloat16 \(14 layers\): a cast after apply_srlora .*"
+                                         r"cast the model before apply_srlora") as warned:
+        train(tmp_path / "run", max_steps=2, model=model, save_steps=1000)
+    assert all("\n" not in str(w.message) for w in warned)
+    fine = hf_apply(tiny_llama(0).to(torch.bfloat16), r=R, r_target=R_TARGET)   # cast first: A, B stay fp32
+    assert all(layer.lora_A.dtype == torch.float32 for _, layer in srlora_layers(fine))
+
+
+def test_print_trainable_parameters_and_merge_and_unload_are_the_peft_habits(tmp_path, capsys):
+    from srlora_hf import apply_srlora as hf_apply, merge_and_unload, print_trainable_parameters
+    model, _, _ = train(tmp_path / "run", max_steps=4, save_steps=1000,
+                        model=hf_apply(tiny_llama(0), r=R, r_target=R_TARGET))
+    capsys.readouterr()
+    print_trainable_parameters(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert capsys.readouterr().out.startswith(f"trainable params: {trainable:,d} || all params: ")
+    before = logits(model)
+    merged = merge_and_unload(model)
+    assert merged is model and srlora_layers(model) == [] and type(model.model.layers[0].mlp.down_proj) is nn.Linear
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path / "merged")                     # transformers' own save_pretrained again
+    assert (tmp_path / "merged" / "config.json").exists()
 
 
 @pytest.mark.filterwarnings("ignore:optimizer Adafactor keeps state")       # its factored 2nd moment: expected
@@ -292,6 +386,14 @@ def test_apply_srlora_on_a_peft_model_is_refused_in_one_line_without_suggesting_
         hf_apply(wrapped, r=R, r_target=R_TARGET)
     assert "base_layer" not in str(e.value) and "default" not in str(e.value)
 
+
+
+def test_the_peft_route_is_refused_in_one_line_that_names_the_srlora_route():
+    from srlora_hf import SRLoRAPeftConfig
+    with pytest.raises(ValueError, match=r"^SRLoRAPeftConfig: SRLoRA is no PEFT method .*srlora_hf.apply_srlora\(model, "
+                                         r"r=\.\.\., r_target=\.\.\.\), .*srlora_hf.from_pretrained\(base, folder\)$") as e:
+        SRLoRAPeftConfig(r=8, r_target=64)
+    assert "\n" not in str(e.value)
 
 # targets -------------------------------------------------------------------------------------------
 
