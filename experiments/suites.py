@@ -77,7 +77,7 @@ SUITES["rank-sweep"] = {"script": "train_glue.py", "flags": [], "runs": {
     # r=1 with Adam's second moment of the recycled slot zeroed too: is the kept moment why r=1 stalls?
     **{f"r1-momreset-seed{s}": [f"--seed={s}", "--method=srlora", "--r=1", "--alpha=1", "--r_target=8",
                                 "--moments=reset"] for s in SEEDS}}}
-# Continued pretraining of SmolLM2-135M on Polish man pages (experiments/llm.py): r=2, r_target=16=8r, 150 steps of
+# Continued pretraining of SmolLM2-135M on Polish man pages (experiments/llm.py): r=2, r_target=16=8r, 80 steps of
 # 4 x 128 tokens, lr 2e-4 for every method.  LoRA at ranks r and r_target first (does the rank bottleneck show?),
 # then SRLoRA and PiSSA, then SRLoRA with Adam's second moment of recycled slots reset; seed 0 of every method
 # before seed 1.  One method per run, so that each log is committed as it finishes.
