@@ -45,7 +45,9 @@ BREAK_MACROS = {"SH", "SS", "PP", "P", "LP", "TP", "IP", "TQ", "br", "sp", "Sh",
 def roff_to_text(source: str) -> str:
     """The running text of a man page's roff source, filled as roff fills it (a newline in the
     source is a space; a paragraph or section macro starts a new line): macro lines dropped, except
-    those whose arguments are text; inline escapes resolved to their glyph or dropped.  "" for a .so stub."""
+    those whose arguments are text; inline escapes resolved to their glyph or dropped.  "" for a .so stub.
+    A section title starts a new line but runs on into its section's first line ("OPIS Wypisanie ..."),
+    which is how the committed runs saw the text."""
     paragraphs, lines, skipping = [], [], False
     for line in source.splitlines():
         if skipping:                                 # inside a .de macro definition

@@ -540,30 +540,37 @@ def llm_section():
             f"{rescaled:.0f} against {english['ppl']:.1f} ({rescaled / english['ppl']:.0f}x). German man pages are "
             "about as far and are not used; the tweets are English but noisy (user names, slang), which is why "
             "they are not the forgetting set.", ""]
-    runs = renamed("llm", LLM_LABELS)
+    for suite in ("llm", "llm-gpu"):
+        runs = renamed(suite, LLM_LABELS)
+        if runs:
+            out += llm_setting(suite, runs, far["ppl"], english["ppl"])
+        elif suite == "llm":
+            out += [f"No training run is committed yet: `{COMMANDS['llm']}`.", ""]
+    return out
+
+
+def llm_setting(suite, runs, base_far, base_english):
+    """One table of the LLM suite `suite` (llm: the CPU budget; llm-gpu: bench/gpu.sh's), its readings and figures."""
     rows = llm_rows(runs)
-    if not rows:
-        return out + [f"No training run is committed yet: `{COMMANDS['llm']}`.", ""]
     config = next(iter(runs.values()))["config"]
-    params = {run["metrics"][0]["method"]: run["metrics"][0]["params"]["adapter"] for run in runs.values()}
     keys = ("max_steps", "batch_size", "block", "lr", "schedule", "warmup", "r", "alpha", "r_target", "gamma", "moments")
-    n_seeds = {m: len(row["seeds"]) for m, row in rows.items()}
-    out += [f"**Setting: r = {config['r']}, r_target = {config['r_target']}, {config['max_steps']} steps of "
-            f"{config['batch_size']} x {config['block']} tokens.** The same seeds, data order and budget for every "
-            "method, one method per run: " + ", ".join(f"{k}={config[k]}" for k in keys if k in config)
-            + "; LoRA(r_target) ran with r = alpha = r_target (scaling 1). The seven linear maps of all 30 blocks "
-            "(210 layers) are adapted. Perplexities at the end of the budget; ΔW = W_final − W0 per layer, its "
-            "entropy effective rank averaged over the 210 layers.", "",
-            "| method | seeds | adapter parameters | held-out perplexity, Polish | perplexity, English | effective rank of ΔW |",
-            "|---|---|---|---|---|---|"]
+    out = [f"**Setting{' (bench/gpu.sh)' if suite == 'llm-gpu' else ''}: r = {config['r']}, r_target = "
+           f"{config['r_target']}, {config['max_steps']} steps of {config['batch_size']} x {config['block']} tokens.** "
+           "The same seeds, data order and budget for every method: " + ", ".join(f"{k}={config[k]}" for k in keys
+                                                                                    if k in config)
+           + "; LoRA(r_target) ran with r = alpha = r_target (scaling 1). The seven linear maps of all 30 blocks "
+           "(210 layers) are adapted. Perplexities at the end of the budget; ΔW = W_final − W0 per layer, its "
+           "entropy effective rank averaged over the 210 layers.", "",
+           "| method | seeds | adapter parameters | held-out perplexity, Polish | perplexity, English | effective rank of ΔW |",
+           "|---|---|---|---|---|---|"]
     cell = lambda xs: f"{mean_sd(xs)[0]:.2f} ± {mean_sd(xs)[1]:.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"  # noqa: E731
     for m in LLM_ROWS:
         if m in rows:
             row = rows[m]
             seeds = f"{len(row['seeds'])}" if len(row["seeds"]) > 1 else f"1 seed ({row['seeds'][0]})"
-            out.append(f"| {LLM_NAMES[m]} | {seeds} | {params[m]:,} | {cell(row['ppl'])} | {cell(row['ppl_english'])} "
-                       f"| {cell(row['dw_erank'])} |")
-    out += ["", f"Base model: {far['ppl']:.2f} on the Polish held-out set, {english['ppl']:.2f} on the English set.", "",
+            out.append(f"| {LLM_NAMES[m]} | {seeds} | {row['params']:,} | {cell(row['ppl'])} | "
+                       f"{cell(row['ppl_english'])} | {cell(row['dw_erank'])} |")
+    out += ["", f"Base model: {base_far:.2f} on the Polish held-out set, {base_english:.2f} on the English set.", "",
             "Readings:", ""]
     if "lora" in rows and "lora-rt" in rows:
         a, b = rows["lora"]["ppl"], rows["lora-rt"]["ppl"]
@@ -586,26 +593,26 @@ def llm_section():
     if "srlora" in rows and "lora-rt" in rows:
         s, u = rows["srlora"]["ppl_english"], rows["lora-rt"]["ppl_english"]
         out.append(f"- Forgetting: English perplexity {cell(s)} for SRLoRA against {cell(u)} for LoRA(r_target) "
-                   f"(base {english['ppl']:.2f}).")
+                   f"(base {base_english:.2f}).")
     for name, run in runs.items():
-        if run["metrics"][0]["method"] == "srlora":
+        if any(m["method"] == "srlora" for m in run["metrics"]):
+            layers = dynamics.switches_by_layer(run["records"])
             hits, pairs = dynamics.rotation(run["records"])
-            brought = [max(e["brought_in"]) + 1 for e in dynamics.switches_by_layer(run["records"]).values()
-                       for e in e[-1:]]
-            out.append(f"- Switches ({name}): {len(brought)} layers switched, each visiting up to "
-                       f"{max(brought)} directions; at {hits} of {pairs} consecutive switches a layer recycled "
-                       "exactly the slot it had refilled the switch before (the rotation the other suites found).")
-    out += ["", "![held-out perplexity against steps](results/llm_ppl_steps.png)", "",
-            "![forgetting against learning](results/llm_forgetting.png)", ""]
-    plot_llm({m: rows[m] for m in LLM_ROWS if m in rows}, {"far": far["ppl"], "english": english["ppl"]}, LLM_NAMES,
-             RESULTS / "llm_ppl_steps.png", RESULTS / "llm_forgetting.png")
-    missing = [run for run in SUITES["llm"]["runs"] if not (RESULTS / "llm" / run / "log.jsonl").exists()]
+            visited = max(max(e["brought_in"]) + 1 for events in layers.values() for e in events)
+            out.append(f"- Switches ({name}): {len(layers)} layers switched, each visiting up to {visited} "
+                       f"directions; at {hits} of {pairs} consecutive switches a layer recycled exactly the slot it "
+                       "had refilled at the switch before.")
+    out += ["", f"![held-out perplexity against steps](results/{suite}_ppl_steps.png)", "",
+            f"![forgetting against learning](results/{suite}_forgetting.png)", ""]
+    plot_llm({m: rows[m] for m in LLM_ROWS if m in rows}, {"far": base_far, "english": base_english}, LLM_NAMES,
+             RESULTS / f"{suite}_ppl_steps.png", RESULTS / f"{suite}_forgetting.png")
+    missing = [run for run in SUITES[suite]["runs"] if not (RESULTS / suite / run / "log.jsonl").exists()]
     if missing:
-        out += [f"Not run yet ({len(missing)} of {len(SUITES['llm']['runs'])} runs; nothing above rests on them): "
-                + ", ".join(missing) + ". Each is `python experiments/run_results.py --suite llm --run <run>`, "
-                "about 20 minutes on one shared CPU thread; all of them: "
-                f"`{COMMANDS['llm']}`. Full fine-tuning of the seven maps (the ceiling) is not in the suite yet: "
-                "the harness loop trains adapters only.", ""]
+        how = ("about 20 minutes each on one shared CPU thread" if suite == "llm" else "on a GPU, `bash bench/gpu.sh`")
+        out += [f"Not run yet ({len(missing)} of {len(SUITES[suite]['runs'])} runs; nothing above rests on them): "
+                + ", ".join(missing) + f". Each is `python experiments/run_results.py --suite {suite} --run <run>` "
+                f"({how}); all of them: `{COMMANDS[suite]}`. Full fine-tuning of the seven maps (the ceiling) is "
+                "not in the suite: the harness loop trains adapters only.", ""]
     return out
 
 

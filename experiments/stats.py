@@ -218,20 +218,22 @@ def llm_final(run, method):
 
 def llm_rows(runs):
     """{method: {"seeds": [...], "ppl": [...], "ppl_english": [...], "dw_erank": [...], "curve": {seed: [(step, ppl)]}}}
-    from the final evaluation of each run (one method per run)."""
+    from the final evaluation of each method of each run, and its adapter parameter count."""
     rows = {}
     for run in runs.values():
-        method = run["metrics"][0]["method"]
-        last = llm_final(run, method)
-        if last is None:
-            continue
-        row = rows.setdefault(method, {"seeds": [], "ppl": [], "ppl_english": [], "dw_erank": [], "curve": {}})
-        seed = run["config"]["seed"]
-        row["seeds"].append(seed)
-        for key in ("ppl", "ppl_english", "dw_erank"):
-            row[key].append(last["dev"][key])
-        row["curve"][seed] = [(r["step"], r["dev"]["ppl"], r["dev"]["ppl_english"]) for r in run["records"]
-                              if r["event"] == "eval" and r["method"] == method]
+        for metrics in run["metrics"]:
+            method = metrics["method"]
+            last = llm_final(run, method)
+            if last is None:
+                continue
+            row = rows.setdefault(method, {"seeds": [], "ppl": [], "ppl_english": [], "dw_erank": [], "curve": {},
+                                           "params": metrics["params"]["adapter"]})
+            seed = run["config"]["seed"]
+            row["seeds"].append(seed)
+            for key in ("ppl", "ppl_english", "dw_erank"):
+                row[key].append(last["dev"][key])
+            row["curve"][seed] = [(r["step"], r["dev"]["ppl"], r["dev"]["ppl_english"]) for r in run["records"]
+                                  if r["event"] == "eval" and r["method"] == method]
     return rows
 
 

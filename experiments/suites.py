@@ -87,6 +87,13 @@ LLM_METHODS = {"lora": ["--method=lora"], "lora16": ["--method=lora", "--r=16", 
 LLM_LABELS = {"lora16": "lora-rt", "reset": "srlora-reset"}       # run name prefix -> method label in the report
 SUITES["llm"] = {"script": "experiments/llm.py", "flags": [],
                  "runs": {f"{m}-seed{s}": [f"--seed={s}", *f] for s in SEEDS for m, f in LLM_METHODS.items()}}
+# The same comparison at a budget only a GPU allows (bench/gpu.sh): 300 steps of 8 x 128 tokens, 3 seeds; LoRA(r),
+# PiSSA and SRLoRA of one seed share one process (one model load), as train_glue.py's --methods does.
+LLM_GPU = ["--device=cuda", "--max_steps=300", "--batch_size=8", "--warmup=30", "--eval_every=100", "--eval_blocks=64"]
+SUITES["llm-gpu"] = {"script": "experiments/llm.py", "flags": LLM_GPU, "runs": {
+    name: flags for s in SEEDS for name, flags in ((f"seed{s}", [f"--seed={s}", "--methods=lora,pissa,srlora"]),
+                                                   (f"lora16-seed{s}", [f"--seed={s}", *LLM_METHODS["lora16"]]),
+                                                   (f"reset-seed{s}", [f"--seed={s}", *LLM_METHODS["reset"]]))}}
 # The optimizer-moment default, on the tweets at the demo's 200 steps: SRLoRA with Adam's second moment of the
 # recycled slots kept (the default) or reset, at r=2 and r=8, r_target=8r, alpha=r, 3 seeds.
 MOMENTS_RANKS = {"r2": ["--r=2", "--alpha=2", "--r_target=16"], "r8": ["--r=8", "--alpha=8", "--r_target=64"]}
