@@ -31,7 +31,7 @@ if $quick; then
   echo "== gpu.sh --quick: CPU smoke run into $out"
   "$PY" bench/step_time.py --quick --device=cpu --models=deberta --out="$out/step_time.json" >/dev/null
   "$PY" bench/bf16.py --quick --device=cpu --out="$out/bf16.json" >/dev/null
-  "$PY" bench/init_time.py --quick --device=cpu --models=deberta --out="$out/init_time.json" >/dev/null
+  "$PY" bench/init_time.py --quick --device=cpu --models=minilm --out="$out/init_time.json" >/dev/null
   "$PY" experiments/llm.py --method=srlora --device=cpu --r=2 --alpha=2 --r_target=4 --max_steps=2 --warmup=1 \
     --eval_every=2 --log_every=1 --batch_size=2 --block=32 --eval_blocks=2 --erank=false \
     --far_dir="${LLM_FAR_DIR:-/usr/share/man/pl}" --english_dir="${LLM_ENGLISH_DIR:-/usr/share/man}" \
