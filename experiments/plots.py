@@ -165,7 +165,7 @@ def plot_llm(rows, base, names, curve_path, forget_path):
         steps = [0] + [c[0] for c in curves[0][:n]]
         ppl = np.array([[base["far"]] + [p for _, p, _ in c[:n]] for c in curves])
         ax.plot(steps, ppl.mean(0), marker="o", ms=3, label=f"{names[method]} ({len(curves)} seed{'s' * (len(curves) > 1)})")
-    ax.set(xlabel="step", ylabel="held-out perplexity, Polish man pages", yscale="log",
+    ax.set(xlabel="step", ylabel="Polish held-out perplexity", yscale="log",
            title="SmolLM2-135M, continued pretraining")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -176,8 +176,8 @@ def plot_llm(rows, base, names, curve_path, forget_path):
     for method, row in rows.items():
         (x, sx), (y, sy) = mean_sd(row["ppl"]), mean_sd(row["ppl_english"])
         ax.errorbar([x], [y], xerr=[sx], yerr=[sy], fmt="o", capsize=3, label=names[method])
-    ax.set(xlabel="held-out perplexity, Polish (learning: lower is better)",
-           ylabel="perplexity, English man pages (forgetting: lower is better)",
+    ax.set(xlabel="Polish held-out perplexity (learning; lower is better)",
+           ylabel="English perplexity (forgetting; lower is better)",
            title="Forgetting against learning, one point per method")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -599,9 +599,11 @@ def llm_setting(suite, runs, base_far, base_english):
             layers = dynamics.switches_by_layer(run["records"])
             hits, pairs = dynamics.rotation(run["records"])
             visited = max(max(e["brought_in"]) + 1 for events in layers.values() for e in events)
+            k = n_recycle(config["r"], config["gamma"])
             out.append(f"- Switches ({name}): {len(layers)} layers switched, each visiting up to {visited} "
-                       f"directions; at {hits} of {pairs} consecutive switches a layer recycled exactly the slot it "
-                       "had refilled at the switch before.")
+                       f"directions; at {hits} of {pairs} consecutive switches ({hits / pairs:.0%}) a layer recycled "
+                       f"exactly the slots it had refilled at the switch before (at random: "
+                       f"{1 / math.comb(config['r'], k):.0%}).")
     out += ["", f"![held-out perplexity against steps](results/{suite}_ppl_steps.png)", "",
             f"![forgetting against learning](results/{suite}_forgetting.png)", ""]
     plot_llm({m: rows[m] for m in LLM_ROWS if m in rows}, {"far": base_far, "english": base_english}, LLM_NAMES,
