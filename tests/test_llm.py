@@ -84,3 +84,12 @@ def test_missing_man_pages_are_one_line_that_names_the_packages(tmp_path, monkey
     monkeypatch.setattr(harness.smollm2, "load_smollm2", lambda folder=None: (tiny_llama(), ByteTokenizer()))
     with pytest.raises(UserError, match="apt-get install manpages manpages-pl"):
         llm.main([f"--far_dir={tmp_path}", f"--english_dir={tmp_path}", f"--out_dir={tmp_path}"])
+
+
+@given(st.floats(30, 50), st.floats(1, 10), st.floats(-0.5, 1.5))
+def test_gap_closed_is_0_at_lora_r_and_1_at_lora_r_target(low, gap, frac):
+    from stats import gap_closed
+    row = lambda ppl: {"seeds": [0], "ppl": [ppl]}                                     # noqa: E731
+    rows = {"lora": row(low), "lora-rt": row(low - gap), "srlora": row(low - frac * gap)}
+    assert gap_closed(rows) == [pytest.approx(frac, abs=1e-9)]
+    assert gap_closed({"lora": row(low), "srlora": row(low)}) == []                    # no LoRA(r_target): no fraction
