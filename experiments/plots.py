@@ -165,7 +165,7 @@ def plot_llm(rows, base, names, curve_path, forget_path):
         steps = [0] + [c[0] for c in curves[0][:n]]
         ppl = np.array([[base["far"]] + [p for _, p, _ in c[:n]] for c in curves])
         ax.plot(steps, ppl.mean(0), marker="o", ms=3, label=f"{names[method]} ({len(curves)} seed{'s' * (len(curves) > 1)})")
-    ax.set(xlabel="step", ylabel="Polish held-out perplexity", yscale="log",
+    ax.set(xlabel="step", ylabel="Polish held-out perplexity",
            title="SmolLM2-135M, continued pretraining")
     ax.legend(fontsize=8)
     fig.tight_layout()
