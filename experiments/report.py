@@ -580,17 +580,26 @@ def llm_setting(suite, runs, base_far, base_english):
                    f"({mean_sd(b)[0]:.2f} vs {mean_sd(a)[0]:.2f}, {gap / mean_sd(a)[0]:.1%} of LoRA(r)'s): "
                    + ("**" + judged(verdict, b, a, claim_higher=False) + "** (a lower perplexity claimed)."
                       if min(len(a), len(b)) > 1 else "one seed, so no spread to judge it by."))
-    fractions = gap_closed(rows)
-    if fractions:
+    for method in ("srlora", "pissa", "srlora-reset"):
+        fractions = gap_closed(rows, method)
+        if not fractions:
+            continue
         if len(fractions) >= 3:
             m, sd = mean_sd(fractions)
-            reading = (f"{m:.2f} ± {sd:.2f} over {len(fractions)} seeds; the goal (at least half) is "
-                       + ("met" if m - sd >= 0.5 else "not met" if m + sd < 0.5 else "within the spread of it"))
+            reading = f"{m:.2f} ± {sd:.2f} over {len(fractions)} seeds" + (
+                "; the goal (at least half) is " + ("met" if m - sd >= 0.5 else "not met" if m + sd < 0.5
+                                                    else "within the spread of it") if method == "srlora" else "")
         else:
             reading = (f"{', '.join(f'{f:.2f}' for f in fractions)} on {len(fractions)} seed"
                        f"{'s' * (len(fractions) > 1)}: no verdict before 3 seeds")
-        out.append(f"- Fraction of the LoRA(r)-LoRA(r_target) held-out perplexity gap that SRLoRA(r, r_target) "
-                   f"closes (1: all of it; 0: none; negative: worse than LoRA(r)): {reading}.")
+        out.append(f"- Fraction of the LoRA(r)-LoRA(r_target) held-out perplexity gap that {LLM_NAMES[method]} closes "
+                   f"(1: all of it; 0: none; negative: worse than LoRA(r)): {reading}.")
+    if "srlora" in rows and "pissa" in rows:
+        a, b = rows["srlora"]["ppl"], rows["pissa"]["ppl"]
+        out.append(f"- SRLoRA against PiSSA, the comparison that isolates recomposition (same initialisation, data and "
+                   f"rank): {cell(a)} vs {cell(b)}, lower: "
+                   + ("**" + judged(verdict, a, b, claim_higher=False) + "**." if min(len(a), len(b)) > 1
+                      else "one seed, so no verdict."))
     changes = {m: mean_sd(rows[m]["ppl_english"])[0] - base_english for m in LLM_ROWS if m in rows}
     out.append("- English perplexity against the base model's (forgetting when positive): "
                + ", ".join(f"{LLM_NAMES[m]} {d:+.2f}" for m, d in changes.items())
