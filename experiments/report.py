@@ -552,7 +552,7 @@ def llm_section():
 def llm_setting(suite, runs, base_far, base_english):
     """One table of the LLM suite `suite` (llm: the CPU budget; llm-gpu: bench/gpu.sh's), its readings and figures."""
     rows = llm_rows(runs)
-    config = next(iter(runs.values()))["config"]
+    config = next(r["config"] for r in runs.values() if all(m["method"] != "lora-rt" for m in r["metrics"]))  # rank r
     keys = ("max_steps", "batch_size", "block", "lr", "schedule", "warmup", "r", "alpha", "r_target", "gamma", "moments")
     out = [f"**Setting{' (bench/gpu.sh)' if suite == 'llm-gpu' else ''}: r = {config['r']}, r_target = "
            f"{config['r_target']}, {config['max_steps']} steps of {config['batch_size']} x {config['block']} tokens.** "
