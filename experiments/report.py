@@ -502,8 +502,9 @@ def synthetic_section():
 # --- the LLM suite ---
 
 LLM_NAMES = {"lora": "LoRA(r)", "pissa": "PiSSA(r)", "srlora": "SRLoRA(r, r_target)",
-             "srlora-reset": "SRLoRA(r, r_target), `--moments=reset`", "lora-rt": "LoRA(r_target)"}
-LLM_ROWS = ("lora", "pissa", "srlora", "srlora-reset", "lora-rt")
+             "srlora-reset": "SRLoRA(r, r_target), `--moments=reset`", "lora-rt": "LoRA(r_target)",
+             "pissa-rt": "PiSSA(r_target)"}
+LLM_ROWS = ("lora", "pissa", "srlora", "srlora-reset", "lora-rt", "pissa-rt")
 
 
 def llm_section():
@@ -594,6 +595,13 @@ def llm_setting(suite, runs, base_far, base_english):
                        f"{'s' * (len(fractions) > 1)}: no verdict before 3 seeds")
         out.append(f"- Fraction of the LoRA(r)-LoRA(r_target) held-out perplexity gap that {LLM_NAMES[method]} closes "
                    f"(1: all of it; 0: none; negative: worse than LoRA(r)): {reading}.")
+    pissa = gap_closed(rows, "pissa")
+    if pissa and mean_sd(pissa)[0] >= 0.5:
+        out.append("- PiSSA(r), at rank r, closes most of that gap by itself, so at this budget the gap is LoRA's "
+                   "zero-B start as much as a rank bottleneck. The bottleneck recomposition has to close is PiSSA(r) "
+                   "against PiSSA(r_target), the `pissa16` runs"
+                   + (f": {cell(rows['pissa']['ppl'])} vs {cell(rows['pissa-rt']['ppl'])}." if "pissa-rt" in rows
+                      else " (not run yet)."))
     if "srlora" in rows and "pissa" in rows:
         a, b = rows["srlora"]["ppl"], rows["pissa"]["ppl"]
         out.append(f"- SRLoRA against PiSSA, the comparison that isolates recomposition (same initialisation, data and "
