@@ -623,10 +623,14 @@ def llm_setting(suite, runs, base_far, base_english):
             hits, pairs = dynamics.rotation(run["records"])
             visited = max(max(e["brought_in"]) + 1 for events in layers.values() for e in events)
             k = n_recycle(config["r"], config["gamma"])
+            stay = dynamics.dwell(run["records"])
+            judged_n = sum(v for key, v in stay.items() if key != "last")
             out.append(f"- Switches ({name}): {len(layers)} layers switched, each visiting up to {visited} "
                        f"directions; at {hits} of {pairs} consecutive switches ({hits / pairs:.0%}) a layer recycled "
                        f"exactly the slots it had refilled at the switch before (at random: "
-                       f"{1 / math.comb(config['r'], k):.0%}).")
+                       f"{1 / math.comb(config['r'], k):.0%}); of the directions a switch brought in and a later one "
+                       f"judged, {stay[1] / judged_n:.0%} were fused out at the very next switch, "
+                       f"{switch_interval(run['records'])} steps later.")
     out += ["", f"![held-out perplexity against steps](results/{suite}_ppl_steps.png)", "",
             f"![forgetting against learning](results/{suite}_forgetting.png)", ""]
     plot_llm({m: rows[m] for m in LLM_ROWS if m in rows}, {"far": base_far, "english": base_english}, LLM_NAMES,
