@@ -158,6 +158,7 @@ def plot_llm(rows, base, names, curve_path, forget_path):
     starting from the base model's), and English perplexity (forgetting) against far-domain
     perplexity (learning), one point per method (mean ± sd over seeds), the base model's marked."""
     plt = pyplot()
+    names = {m: n.replace("`", "") for m, n in names.items()}       # the table's markdown, as plain text
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, row in rows.items():
         curves = list(row["curve"].values())
