@@ -602,6 +602,14 @@ def llm_setting(suite, runs, base_far, base_english):
                    "against PiSSA(r_target), the `pissa16` runs"
                    + (f": {cell(rows['pissa']['ppl'])} vs {cell(rows['pissa-rt']['ppl'])}." if "pissa-rt" in rows
                       else " (not run yet)."))
+    for method in ("srlora", "srlora-reset"):
+        fractions = gap_closed(rows, method, low="pissa", high="pissa-rt")
+        if fractions:
+            reading = (f"{mean_sd(fractions)[0]:.2f} ± {mean_sd(fractions)[1]:.2f} over {len(fractions)} seeds"
+                       if len(fractions) >= 3 else f"{', '.join(f'{f:.2f}' for f in fractions)} on "
+                       f"{len(fractions)} seed{'s' * (len(fractions) > 1)}: no verdict before 3 seeds")
+            out.append(f"- Fraction of the PiSSA(r)-PiSSA(r_target) held-out perplexity gap (same initialisation, "
+                       f"the bottleneck recomposition targets) that {LLM_NAMES[method]} closes: {reading}.")
     if "srlora" in rows and "pissa" in rows:
         a, b = rows["srlora"]["ppl"], rows["pissa"]["ppl"]
         out.append(f"- SRLoRA against PiSSA, the comparison that isolates recomposition (same initialisation, data and "
