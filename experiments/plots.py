@@ -151,3 +151,36 @@ def plot_synthetic(best, kinds, ranks, labels, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_llm(rows, base, names, curve_path, forget_path):
+    """The LLM suite's two figures: held-out far-domain perplexity against steps (mean over seeds,
+    starting from the base model's), and English perplexity (forgetting) against far-domain
+    perplexity (learning), one point per method (mean ± sd over seeds), the base model's marked."""
+    plt = pyplot()
+    names = {m: n.replace("`", "") for m, n in names.items()}       # the table's markdown, as plain text
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, row in rows.items():
+        curves = list(row["curve"].values())
+        n = min(len(c) for c in curves)
+        steps = [0] + [c[0] for c in curves[0][:n]]
+        ppl = np.array([[base["far"]] + [p for _, p, _ in c[:n]] for c in curves])
+        ax.plot(steps, ppl.mean(0), marker="o", ms=3, label=f"{names[method]} ({len(curves)} seed{'s' * (len(curves) > 1)})")
+    ax.set(xlabel="step", ylabel="Polish held-out perplexity",
+           title="SmolLM2-135M, continued pretraining")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(curve_path, dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([base["far"]], [base["english"]], marker="x", color="black", label="base model")
+    for method, row in rows.items():
+        (x, sx), (y, sy) = mean_sd(row["ppl"]), mean_sd(row["ppl_english"])
+        ax.errorbar([x], [y], xerr=[sx], yerr=[sy], fmt="o", capsize=3, label=names[method])
+    ax.set(xlabel="Polish held-out perplexity (learning; lower is better)",
+           ylabel="English perplexity (forgetting; lower is better)",
+           title="Forgetting against learning, one point per method")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(forget_path, dpi=120)
+    plt.close(fig)

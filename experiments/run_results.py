@@ -6,6 +6,8 @@
     python experiments/run_results.py --suite alternatives  # the switch options of srlora.py, 3 seeds each
     python experiments/run_results.py --suite long-r4     # 1,000 steps at r=4, r_target=32
     python experiments/run_results.py --suite rank-sweep  # r=1; r=8 with r_target=64
+    python experiments/run_results.py --suite llm         # SmolLM2-135M on Polish man pages (experiments/llm.py)
+    python experiments/run_results.py --suite moments     # SRLoRA, Adam's 2nd moment kept or reset, r=2 and 8
     python experiments/run_results.py --suite long-r4 --run lora-seed0   # one named run of a suite
     python experiments/run_results.py --report            # only rebuild RESULTS.md and plots from docs/results/
 
@@ -31,7 +33,7 @@ def main():
     parser.add_argument("extra", nargs="*", help="flags after -- go to every training run")
     args = parser.parse_args()
     if not args.suite and not args.report:
-        parser.error("pass --suite text|vision|ablations, or --report")
+        parser.error("pass --suite <name> (e.g. text, llm), or --report")
     for suite in args.suite:
         run_suite(suite, args.extra, args.run)
     write_report()

@@ -205,3 +205,43 @@ def synthetic_best(data):
         if key not in best or np.mean(row["test_loss"]) < np.mean(best[key]["test_loss"]):
             best[key] = row
     return best
+
+
+# --- the LLM suite ---
+
+def llm_final(run, method):
+    """The last evaluation of `method` in a run: the end of the shared budget, the same step for
+    every method (its learning rate has decayed to 0 there)."""
+    evals = [r for r in run["records"] if r["event"] == "eval" and r["method"] == method]
+    return evals[-1] if evals else None
+
+
+def llm_rows(runs):
+    """{method: {"seeds": [...], "ppl": [...], "ppl_english": [...], "dw_erank": [...], "curve": {seed: [(step, ppl)]}}}
+    from the final evaluation of each method of each run, and its adapter parameter count."""
+    rows = {}
+    for run in runs.values():
+        for metrics in run["metrics"]:
+            method = metrics["method"]
+            last = llm_final(run, method)
+            if last is None:
+                continue
+            row = rows.setdefault(method, {"seeds": [], "ppl": [], "ppl_english": [], "dw_erank": [], "curve": {},
+                                           "params": metrics["params"]["adapter"]})
+            seed = run["config"]["seed"]
+            row["seeds"].append(seed)
+            for key in ("ppl", "ppl_english", "dw_erank"):
+                row[key].append(last["dev"][key])
+            row["curve"][seed] = [(r["step"], r["dev"]["ppl"], r["dev"]["ppl_english"]) for r in run["records"]
+                                  if r["event"] == "eval" and r["method"] == method]
+    return rows
+
+
+def gap_closed(rows, method="srlora", low="lora", high="lora-rt"):
+    """Per seed that all three ran: (ppl[low] - ppl[method]) / (ppl[low] - ppl[high]), the fraction
+    of the LoRA(r)-LoRA(r_target) held-out perplexity gap that `method` closes (1: all of it)."""
+    if not all(m in rows for m in (method, low, high)):
+        return []
+    by_seed = {m: dict(zip(rows[m]["seeds"], rows[m]["ppl"])) for m in (method, low, high)}
+    seeds = sorted(set.intersection(*(set(s) for s in by_seed.values())))
+    return [(by_seed[low][s] - by_seed[method][s]) / (by_seed[low][s] - by_seed[high][s]) for s in seeds]

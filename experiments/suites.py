@@ -77,6 +77,33 @@ SUITES["rank-sweep"] = {"script": "train_glue.py", "flags": [], "runs": {
     # r=1 with Adam's second moment of the recycled slot zeroed too: is the kept moment why r=1 stalls?
     **{f"r1-momreset-seed{s}": [f"--seed={s}", "--method=srlora", "--r=1", "--alpha=1", "--r_target=8",
                                 "--moments=reset"] for s in SEEDS}}}
+# Continued pretraining of SmolLM2-135M on Polish man pages (experiments/llm.py): r=2, r_target=16=8r, 80 steps of
+# 4 x 128 tokens, lr 2e-4 for every method.  LoRA at ranks r and r_target first (does the rank bottleneck show?),
+# then SRLoRA and PiSSA, then SRLoRA with Adam's second moment of recycled slots reset; seed 0 of every method
+# before seed 1.  One method per run, so that each log is committed as it finishes.
+LLM_METHODS = {"lora": ["--method=lora"], "lora16": ["--method=lora", "--r=16", "--alpha=16"],
+               "srlora": ["--method=srlora"], "pissa": ["--method=pissa"],
+               "reset": ["--method=srlora", "--moments=reset"],
+               # PiSSA at rank r_target: the upper reference with SRLoRA's own initialisation (PiSSA(2) closed most
+               # of the LoRA(2)-LoRA(16) gap on seed 0, so that gap is partly LoRA's zero-B start, not rank)
+               "pissa16": ["--method=pissa", "--r=16", "--alpha=16"]}
+LLM_LABELS = {"lora16": "lora-rt", "reset": "srlora-reset", "pissa16": "pissa-rt"}  # run name prefix -> report label
+SUITES["llm"] = {"script": "experiments/llm.py", "flags": [],
+                 "runs": {f"{m}-seed{s}": [f"--seed={s}", *f] for s in SEEDS for m, f in LLM_METHODS.items()}}
+# The same comparison at a budget only a GPU allows (bench/gpu.sh): 300 steps of 8 x 128 tokens, 3 seeds; LoRA(r),
+# PiSSA and SRLoRA of one seed share one process (one model load), as train_glue.py's --methods does.
+LLM_GPU = ["--device=cuda", "--max_steps=300", "--batch_size=8", "--warmup=30", "--eval_every=100", "--eval_blocks=64"]
+SUITES["llm-gpu"] = {"script": "experiments/llm.py", "flags": LLM_GPU, "runs": {
+    name: flags for s in SEEDS for name, flags in ((f"seed{s}", [f"--seed={s}", "--methods=lora,pissa,srlora"]),
+                                                   (f"lora16-seed{s}", [f"--seed={s}", *LLM_METHODS["lora16"]]),
+                                                   (f"reset-seed{s}", [f"--seed={s}", *LLM_METHODS["reset"]]),
+                                                   (f"pissa16-seed{s}", [f"--seed={s}", *LLM_METHODS["pissa16"]]))}}
+# The optimizer-moment default, on the tweets at the demo's 200 steps: SRLoRA with Adam's second moment of the
+# recycled slots kept (the default) or reset, at r=2 and r=8, r_target=8r, alpha=r, 3 seeds.
+MOMENTS_RANKS = {"r2": ["--r=2", "--alpha=2", "--r_target=16"], "r8": ["--r=8", "--alpha=8", "--r_target=64"]}
+SUITES["moments"] = {"script": "train_glue.py", "flags": ["--method=srlora"], "runs": {
+    f"{r}-{m}-seed{s}": [f"--seed={s}", *flags, f"--moments={m}"]
+    for r, flags in MOMENTS_RANKS.items() for m in ("keep", "reset") for s in SEEDS}}
 DEFAULT = "default"   # the text suite's seed-0 SRLoRA run, standing in for gamma0.5, rtarget32, keep, recycled
 ABLATION_GROUPS = {"gamma": ("gamma0.25", DEFAULT, "gamma0.75"),
                    "r_target (2r, 4r, 16r)": ("rtarget16", DEFAULT, "rtarget128"),

@@ -223,3 +223,60 @@ def assert_same_outputs(a, b, tol=1e-5):
     """Equal to fp32 rounding: `tol` of the largest output (1e-5 is ~100 fp32 eps).  An absolute
     tolerance would be too loose here: the small random BERT and DeBERTa heads give logits of ~0.02."""
     torch.testing.assert_close(a, b, rtol=0, atol=tol * b.abs().max().item())
+
+
+# --- a tiny man-page corpus, in the layout of Debian's manpages and manpages-pl -----------
+
+FAR_PAGE = """.\\" a comment line
+.TH CKSUM 1 "2022" "GNU coreutils"
+.SH NAZWA
+cksum \\- oblicza i sprawdza sumy kontrolne plik\\(oqw
+.SH OPIS
+Wypisanie lub zweryfikowanie sum kontrolnych.
+Domy\\[sl]lnie u\\(.zywany jest \\fB32-bitowy\\fP algorytm CRC.
+.TP
+\\fB\\-a\\fR, \\fB\\-\\-algorithm\\fR=\\fITYP\\fR
+wybranie funkcji skr\\('otu zdanie numer {i}.
+"""
+ENGLISH_PAGE = """.TH OPEN 2 2023-03-30 "Linux man-pages 6.03"
+.SH NAME
+open{i} \\- open and possibly create a file
+.SH DESCRIPTION
+The
+.BR open ()
+system call opens the file specified by
+.IR pathname .
+If the specified file does not exist, it may optionally be created.
+"""
+
+
+def write_man_pages(root: Path, n_far: int = 24, n_english: int = 6) -> tuple:
+    """(far_dir, english_dir): gzipped roff pages in man1/ (Polish) and man2/ (English), plus a .so stub each."""
+    import gzip
+    far, english = root / "pl", root / "en"
+    for d in (far / "man1", english / "man2"):
+        d.mkdir(parents=True, exist_ok=True)
+    for i in range(n_far):
+        (far / "man1" / f"cksum{i}.1.gz").write_bytes(gzip.compress(FAR_PAGE.format(i=i).encode()))
+    for i in range(n_english):
+        (english / "man2" / f"open{i}.2.gz").write_bytes(gzip.compress(ENGLISH_PAGE.format(i=i).encode()))
+    (far / "man1" / "stub.1.gz").write_bytes(gzip.compress(b".so man1/cksum0.1\n"))
+    (english / "man2" / "stub.2.gz").write_bytes(gzip.compress(b".so man2/open0.2\n"))
+    return far, english
+
+
+class ByteTokenizer:
+    """A tokenizer with SmolLM2's interface as experiments/llm.py uses it: UTF-8 bytes as ids, eos 256."""
+    eos_token_id = 256
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(text.encode())}
+
+
+def tiny_llama():
+    """A 2-layer LlamaForCausalLM with random weights, vocab 257 (bytes and eos)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
