@@ -500,8 +500,7 @@ def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, decompose=None, 
     decompose(model, names, cfg) -> {name: (U, S, Vh)}: pissa_factors, or srlora_fsdp.spread_factors.
     """
     cfg = dataclasses.replace(config or SRLoRAConfig(), **overrides)
-    matched = [(name, m) for name, m in model.named_modules()
-               if any(name == t or name.endswith("." + t) for t in cfg.targets)]
+    matched = [(name, m) for name, m in model.named_modules() if matches(name, cfg.targets)]
     found = [(name, m) for name, m in matched if _wrappable(m)]
     skipped = [f"{name} ({type(m).__name__})" for name, m in matched if not _wrappable(m)]
     listed = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
@@ -541,6 +540,11 @@ def pissa_factors(model: nn.Module, names, cfg: SRLoRAConfig) -> dict:
     return factors
 
 
+def matches(name: str, targets) -> bool:
+    """A module name matches a target that it equals or ends with on a dot boundary."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 def _wrappable(module: nn.Module) -> bool:
     return (isinstance(module, nn.Linear) or is_conv1d(module)) and not isinstance(module, SRLoRALinear)
 
@@ -556,9 +560,13 @@ def _weight_names(model: nn.Module) -> dict:
 def _linear_names(model):
     """Last name parts of the modules apply_srlora can wrap, tied weights left out."""
     weight_names = _weight_names(model)
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()     # not PEFT's own layers
-                   if _wrappable(m) and len(weight_names.get(id(m.weight), ())) <= 1
-                   and not any(part in ("base_layer", "lora_A", "lora_B") for part in name.split("."))})
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if _wrappable(m) and len(weight_names.get(id(m.weight), ())) <= 1 and not _in_peft_layer(name)})
+
+
+def _in_peft_layer(name: str) -> bool:
+    """A module of PEFT's own (its base_layer, or its lora_A / lora_B), which SRLoRA never targets."""
+    return any(part in ("base_layer", "lora_A", "lora_B") for part in name.split("."))
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

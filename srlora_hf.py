@@ -72,7 +72,7 @@ def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, **overrides) -> 
         overrides["targets"] = targets_for(model)
     cfg = dataclasses.replace(config or SRLoRAConfig(), **overrides)
     names = [name for name, _ in model.named_modules()]
-    unmatched = [t for t in cfg.targets if not any(n == t or n.endswith("." + t) for n in names)]
+    unmatched = [t for t in cfg.targets if not any(srlora.matches(n, (t,)) for n in names)]
     if unmatched:
         hint = f"targets_for(model) gives {list(targets_for(model))}" if getattr(getattr(model, "config", None),
                                                                             "model_type", None) in MODEL_TYPE_TARGETS else \
@@ -147,8 +147,7 @@ def dequantize_targets(model: nn.Module, targets) -> dict:
     replaced = {}
     for name, module in list(model.named_modules()):
         kind = type(module).__name__
-        if kind not in ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt") or not any(
-                name == t or name.endswith("." + t) for t in targets):
+        if kind not in ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt") or not srlora.matches(name, targets):
             continue
         W = dequantized(module)
         with torch.device("meta"):
@@ -156,8 +155,7 @@ def dequantize_targets(model: nn.Module, targets) -> dict:
         plain.weight = nn.Parameter(W, requires_grad=False)
         if module.bias is not None:
             plain.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, plain)
+        srlora._replace(model, name, plain)
         replaced[name] = kind
     return replaced
 
@@ -306,8 +304,8 @@ def _check_intact(model: nn.Module, where: str) -> None:
     targets = named[0][1].config.targets if named else ()
     for name, m in model.named_modules():
         if ((isinstance(m, nn.Linear) or srlora.is_conv1d(m)) and not isinstance(m, srlora.SRLoRALinear)
-                and any(name == t or name.endswith("." + t) for t in targets)
-                and not any(part in ("base_layer", "lora_A", "lora_B") for part in name.split("."))):
+                and srlora.matches(name, targets)
+                and not srlora._in_peft_layer(name)):
             raise ValueError(f"{where}: {name} matches the SRLoRA targets but is a plain {type(m).__name__} now, "
                              f"holding the residual W without its adapter (resize_token_embeddings replaces "
                              f"lm_head and the embeddings); call resize_token_embeddings before apply_srlora")

