@@ -293,6 +293,19 @@ def srlora_layers(model: nn.Module):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, SRLoRALinear)]
 
 
+_ADD_ON_CLASSES = {}
+
+
+def extend_layer(layer: SRLoRALinear, add_on: type, prefix: str) -> None:
+    """Put `add_on`, an add-on's subclass of SRLoRALinear, in front of layer's class, which may
+    already be another add-on's or fully_shard's subclass (how the add-ons change recycle())."""
+    cls = type(layer)
+    if not issubclass(cls, add_on):
+        if (add_on, cls) not in _ADD_ON_CLASSES:
+            _ADD_ON_CLASSES[add_on, cls] = add_on if cls is SRLoRALinear else type(prefix + cls.__name__, (add_on, cls), {})
+        layer.__class__ = _ADD_ON_CLASSES[add_on, cls]
+
+
 # --- 2. importance --------------------------------------------------------------------------
 
 class ImportanceTracker:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from srlora import SRLoRAConfig, SRLoRALinear, n_recycle, srlora_layers, top_singular
+from srlora import SRLoRAConfig, SRLoRALinear, extend_layer, n_recycle, srlora_layers, top_singular
 
 try:
     import safetensors.torch
@@ -282,7 +282,6 @@ class RecordedSRLoRALinear(SRLoRALinear):
         self.replay()
 
 
-_recorded = {}
 
 
 def record_switches(model: nn.Module) -> nn.Module:
@@ -305,10 +304,7 @@ def record_switches(model: nn.Module) -> nn.Module:
         layer.register_buffer("fused_A", layer.lora_A.detach().new_zeros(n, layer.in_features))
         layer.register_buffer("fused_B", layer.lora_B.detach().new_zeros(layer.out_features, n))
         layer.applied, layer.history = layer.next_index, True
-        cls = type(layer)
-        if cls is not SRLoRALinear and cls not in _recorded:         # another add-on's subclass (compensate)
-            _recorded[cls] = type(f"Recorded{cls.__name__}", (RecordedSRLoRALinear, cls), {})
-        layer.__class__ = RecordedSRLoRALinear if cls is SRLoRALinear else _recorded[cls]
+        extend_layer(layer, RecordedSRLoRALinear, "Recorded")       # in front of compensate's, if any
     return model
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from srlora import SRLoRALinear, _out_in_weight, pissa_factors, srlora_layers
+from srlora import SRLoRALinear, _out_in_weight, extend_layer, pissa_factors, srlora_layers
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -169,20 +169,9 @@ def shard_basis(model: torch.nn.Module) -> torch.nn.Module:
             local = t[start:start + size].clone()                            # a copy: the whole t can be freed
             setattr(layer, key, DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
                                                    shape=t.shape, stride=t.stride()))
-        if not isinstance(layer, ShardedLayer):
-            layer.__class__ = _sharded_class(type(layer))
+        extend_layer(layer, ShardedLayer, "Sharded")
         layer.shard_name = name
     return model
-
-
-_classes = {}
-
-
-def _sharded_class(cls: type) -> type:
-    """ShardedLayer in front of cls, which may be fully_shard's or another add-on's subclass."""
-    if cls not in _classes:
-        _classes[cls] = type(f"Sharded{cls.__name__}", (ShardedLayer, cls), {})
-    return _classes[cls]
 
 
 def save_checkpoint(checkpoint_id, model: torch.nn.Module, optimizer, tracker, step: int) -> None:

@@ -12,7 +12,7 @@ any number of switches, at the cost of a second W (measured: docs/BENCHMARKS.md,
 import torch
 import torch.nn as nn
 
-from srlora import SRLoRALinear, srlora_layers
+from srlora import SRLoRALinear, extend_layer, srlora_layers
 
 
 class CompensatedSRLoRALinear(SRLoRALinear):
@@ -39,18 +39,5 @@ def compensate(model: nn.Module) -> nn.Module:
     for _, layer in srlora_layers(model):
         if layer.init == "pissa" and layer.weight.element_size() < 4 and not isinstance(layer, CompensatedSRLoRALinear):
             layer.register_buffer("weight_error", torch.zeros_like(layer.weight))
-            layer.__class__ = _with(CompensatedSRLoRALinear, type(layer))
+            extend_layer(layer, CompensatedSRLoRALinear, "Compensated")
     return model
-
-
-_classes = {}
-
-
-def _with(mixin: type, cls: type) -> type:
-    """cls with `mixin`'s methods first (cls may already be another add-on's subclass)."""
-    if issubclass(cls, mixin) or issubclass(mixin, cls):
-        return cls if issubclass(cls, mixin) else mixin
-    key = (mixin, cls)
-    if key not in _classes:
-        _classes[key] = type(f"{mixin.__name__.removesuffix('SRLoRALinear')}{cls.__name__}", (mixin, cls), {})
-    return _classes[key]
