@@ -25,11 +25,12 @@ import types
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import srlora
 from srlora import (FIRST_MOMENTS, PAPER_TARGETS, SECOND_MOMENTS, ImportanceTracker, SRLoRAConfig, recompose,
                     srlora_layers, switch_steps)
-from srlora_export import ADAPTER_CONFIG, load_adapter, read_adapter_config, record_switches
+from srlora_export import ADAPTER_CONFIG, RecordedSRLoRALinear, load_adapter, read_adapter_config, record_switches
 from srlora_export import save_adapter as srlora_export_save
 
 TRACKER_FILE = "srlora_tracker.pt"   # written next to the model in every Trainer checkpoint folder
@@ -54,14 +55,16 @@ def targets_for(model) -> tuple:
     return MODEL_TYPE_TARGETS[model_type]
 
 
-def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, **overrides) -> nn.Module:
+def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, quantized: str = "keep", **overrides) -> nn.Module:
     """srlora.apply_srlora for a transformers model, plus what it needs around it:
 
     - targets: targets_for(model) unless config or a targets= keyword names them; each target must
       match some module of the model (a name that matches nothing is refused, not skipped);
     - a PeftModel is refused: SRLoRA is the adapter, so wrap the model PEFT was given instead;
-    - bitsandbytes Linear4bit / Linear8bitLt targets are dequantized first (dequantized()), since
-      the SVD must see the weight and not its packed bytes or int8 codes;
+    - bitsandbytes Linear4bit / Linear8bitLt targets: the SVD is of their dequantized weight (never
+      of packed bytes or int8 codes).  quantized="keep" (QLoRA's memory): the layer keeps W0
+      quantized and untouched and holds the change as factors (QuantizedSRLoRALinear);
+      "dequantize": the layer becomes a dense residual W in residual_dtype (dequantize_targets);
     - record_switches(model), and save_pretrained writes the adapter (srlora_export.save_adapter).
     Returns model, modified in place.
     """
@@ -78,9 +81,18 @@ def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, **overrides) -> 
                                                                             "model_type", None) in MODEL_TYPE_TARGETS else \
             "pass name suffixes of its linear layers"
         raise ValueError(f"apply_srlora: targets {unmatched} match no module of {type(model).__name__}; {hint}")
-    quantized = dequantize_targets(model, cfg.targets)
-    srlora.apply_srlora(model, cfg)
-    return _saves_adapters(model, quantized)
+    if quantized not in QUANTIZED_ROUTES:
+        raise ValueError(f"apply_srlora: quantized={quantized!r} is unknown; use one of {QUANTIZED_ROUTES}")
+    kinds = (keep_quantized_targets if quantized == "keep" else dequantize_targets)(model, cfg)
+    if any(srlora._wrappable(m) and srlora.matches(name, cfg.targets) for name, m in model.named_modules()):
+        srlora.apply_srlora(model, cfg)
+    else:                                                   # every target was quantized and is wrapped already
+        model.requires_grad_(False)
+        for _, layer in srlora_layers(model):
+            layer.lora_A.requires_grad_(True), layer.lora_B.requires_grad_(True)
+    if kinds:
+        model.srlora_quantized = quantized
+    return _saves_adapters(model, kinds)
 
 
 def _saves_adapters(model: nn.Module, quantized=None) -> nn.Module:
@@ -112,8 +124,9 @@ _save_pretrained.srlora = True
 
 def save_adapter(model: nn.Module, folder):
     """srlora_export.save_adapter, with the base model's name and the dequantized layer types."""
+    kinds = getattr(model, "srlora_dequantized", {})
     return srlora_export_save(model, folder, base_model_name_or_path=getattr(model, "name_or_path", None) or None,
-                              dequantized=getattr(model, "srlora_dequantized", {}))
+                              dequantized=kinds, **({"quantized": model.srlora_quantized} if kinds else {}))
 
 
 def from_pretrained(base, adapter_dir, model_class=None, **kwargs) -> nn.Module:
@@ -131,33 +144,111 @@ def from_pretrained(base, adapter_dir, model_class=None, **kwargs) -> nn.Module:
         raise ValueError(f"from_pretrained: the adapter was trained on a base with {meta.get('dequantized') or 'no'} "
                          f"bitsandbytes layers, this one has {kinds or 'none'}; load the base as it was trained "
                          f"(the same quantization_config)")
-    model = apply_srlora(base, SRLoRAConfig(**meta["config"]))
+    # adapters written before quantized="keep" existed were trained on dequantized layers
+    model = apply_srlora(base, SRLoRAConfig(**meta["config"]), quantized=meta.get("quantized", "dequantize"))
     return load_adapter(model, adapter_dir)
 
 
 # --- quantized bases ------------------------------------------------------------------------
+#
+# The paper is silent on quantized bases.  W0 may not be rewritten at a switch: re-quantizing it
+# every time would pile up quantization error.  Two routes, both decomposing the dequantized W0:
+#   "keep" (the default): W0 stays quantized and untouched, and W - W0 is kept as factors.  After
+#       its switches a layer's W - W0 is -scaling * (the directions brought in, Eq. 2 and 12) plus
+#       scaling * (the pairs fused out, Eq. 10); the first are the SVD basis the layer keeps anyway
+#       (and its top-r part), the second are record_switches' fused_A / fused_B.  So the change
+#       costs r (m + n) fp32 numbers beyond an adapter save's, and each forward a low-rank product
+#       of rank r + 2 (next_index - r) at most, in fp32 (the large principal parts cancel there).
+#   "dequantize": a dense residual W in residual_dtype, as for an unquantized model; QLoRA's
+#       memory saving is lost on the adapted maps, and forward is one dense matmul.
 
-def dequantize_targets(model: nn.Module, targets) -> dict:
-    """Replace every bitsandbytes Linear4bit / Linear8bitLt that `targets` match by an nn.Linear
-    holding its dequantized weight (4-bit: in the dtype it was quantized from; 8-bit: fp32), so
-    that SRLoRA decomposes the weight the quantized model computes with.  The cost is QLoRA's
-    saving on those maps: they become dense residuals in SRLoRAConfig.residual_dtype (pass
-    "bfloat16").  Re-quantizing W at every switch would pile up quantization error instead.
-    Returns {name: the bitsandbytes class name} of the layers replaced."""
+QUANTIZED_ROUTES = ("keep", "dequantize")
+BNB_LINEARS = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
+
+
+class QuantizedSRLoRALinear(RecordedSRLoRALinear):
+    """An SRLoRA layer on a bitsandbytes layer (`base_layer`, frozen, W0 quantized and never written).
+
+    forward(x) = base_layer(x) + scaling x (A^T B^T + L^T R^T), with W - W0 = scaling R L:
+    R L = -init_B init_A - (directions r .. applied-1 as Eq. 11 writes them) + fused_B fused_A.
+    A switch writes only A, B, the indices and the record (recycle() adds nothing to W0).
+    """
+
+    weight = property(lambda self: self.base_layer.weight)   # the quantized W0; recycle() passes it along
+
+    @torch.no_grad()
+    def _add_low_rank(self, W, B, A):
+        pass                                                  # the change is read from the record in forward
+
+    def _change(self):
+        """(L (K, n), R (m, K)) with W - W0 = scaling R L for the switches W holds (`applied`)."""
+        j, s = self.applied - self.r, self.scaling
+        sqrt_S = (self.S[:j].to(self.lora_A.dtype) / s).sqrt()              # as recycle() computes Eq. (11)
+        B_in, A_in = self.U[:, :j] * sqrt_S, sqrt_S[:, None] * self.Vh[:j]
+        return (torch.cat([self.init_A, A_in, self.fused_A[:j]]),
+                torch.cat([-self.init_B, -B_in, self.fused_B[:, :j]], 1))
+
+    def forward(self, x):
+        L, R = self._change()
+        h = x.to(self.lora_A.dtype)                                          # the low-rank part in fp32
+        low = F.linear(F.linear(h, torch.cat([self.lora_A, L])) * self.scaling, torch.cat([self.lora_B, R], 1))
+        y = self.base_layer(x)
+        return y + low.to(y.dtype)
+
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        L, R = self._change()
+        return dequantized(self.base_layer).to(L.dtype) + self.scaling * (self.lora_B @ self.lora_A + R @ L)
+
+
+def keep_quantized_targets(model: nn.Module, cfg: SRLoRAConfig) -> dict:
+    """Wrap every bitsandbytes layer that cfg.targets match as a QuantizedSRLoRALinear, one layer at a
+    time (one dense W0 in memory at once).  Returns {name: the bitsandbytes class name}."""
+    kept = {}
+    for name, module in list(model.named_modules()):
+        kind = type(module).__name__
+        if kind not in BNB_LINEARS or not srlora.matches(name, cfg.targets):
+            continue
+        layer = srlora.SRLoRALinear(_dense_copy(module), cfg)       # the SVD of the dequantized W0
+        del layer.weight                                             # W0 - scaling B A: W0 stays quantized
+        layer.register_buffer("init_A", layer.lora_A.detach().clone())
+        layer.register_buffer("init_B", layer.lora_B.detach().clone())
+        n = layer.r_target - layer.r
+        layer.register_buffer("fused_A", layer.lora_A.detach().new_zeros(n, layer.in_features))
+        layer.register_buffer("fused_B", layer.lora_B.detach().new_zeros(layer.out_features, n))
+        layer.applied, layer.history = layer.next_index, True
+        layer.base_layer = module.requires_grad_(False)
+        # bitsandbytes repacks a 4-bit weight for its CPU inference kernel at the first eval forward, which
+        # rounds absmax to bf16: W0 would move under the factors decomposed from it, and the adapter
+        # would no longer replay onto a fresh load.  Keep the training kernel, whose W0 is the one decomposed.
+        module.support_avx512bf16_for_cpu = False
+        layer.__class__ = QuantizedSRLoRALinear
+        srlora._replace(model, name, layer)
+        kept[name] = kind
+    return kept
+
+
+def dequantize_targets(model: nn.Module, cfg: SRLoRAConfig) -> dict:
+    """Replace every bitsandbytes Linear4bit / Linear8bitLt that cfg.targets match by an nn.Linear
+    holding its dequantized weight (4-bit: in the dtype it was quantized from; 8-bit: fp32), for
+    srlora.apply_srlora to wrap.  Returns {name: the bitsandbytes class name} of the layers replaced."""
     replaced = {}
     for name, module in list(model.named_modules()):
         kind = type(module).__name__
-        if kind not in ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt") or not srlora.matches(name, targets):
-            continue
-        W = dequantized(module)
-        with torch.device("meta"):
-            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        plain.weight = nn.Parameter(W, requires_grad=False)
-        if module.bias is not None:
-            plain.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
-        srlora._replace(model, name, plain)
-        replaced[name] = kind
+        if kind in BNB_LINEARS and srlora.matches(name, cfg.targets):
+            srlora._replace(model, name, _dense_copy(module))
+            replaced[name] = kind
     return replaced
+
+
+def _dense_copy(module: nn.Module) -> nn.Linear:
+    """A frozen nn.Linear holding a bitsandbytes layer's dequantized weight and a copy of its bias."""
+    with torch.device("meta"):
+        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    plain.weight = nn.Parameter(dequantized(module), requires_grad=False)
+    if module.bias is not None:
+        plain.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+    return plain
 
 
 @torch.no_grad()
@@ -335,7 +426,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     the layer type it wrapped, holding W + scaling B A), and the model's own save_pretrained and
     Trainer checks back.  Returns model, a plain transformers model again."""
     srlora.merge_srlora(model)
-    for attribute in ("save_pretrained", "srlora_dequantized", "_hf_peft_config_loaded"):
+    for attribute in ("save_pretrained", "srlora_dequantized", "srlora_quantized", "_hf_peft_config_loaded"):
         model.__dict__.pop(attribute, None)         # the instance attributes _saves_adapters set
     return model
 

@@ -37,6 +37,8 @@ def compensate(model: nn.Module) -> nn.Module:
     compensated switch.  Layers with an fp32 or fp64 W, whose rounding is already fine, and LoRA
     layers, which never switch, are left as they are.  Returns model, modified in place."""
     for _, layer in srlora_layers(model):
+        if hasattr(layer, "base_layer"):              # W0 kept quantized (srlora_hf): no switch rounds W
+            continue
         if layer.init == "pissa" and layer.weight.element_size() < 4 and not isinstance(layer, CompensatedSRLoRALinear):
             layer.register_buffer("weight_error", torch.zeros_like(layer.weight))
             extend_layer(layer, CompensatedSRLoRALinear, "Compensated")

@@ -416,11 +416,11 @@ def test_a_target_that_matches_nothing_is_refused_and_targets_for_maps_phi3s_fus
 
 # quantized bases -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_a_bitsandbytes_base_is_decomposed_from_its_dequantized_weight_and_its_adapter_replays(tmp_path, bits):
+@pytest.mark.parametrize("bits, quantized", [(4, "keep"), (8, "keep"), (4, "dequantize"), (8, "dequantize")])
+def test_a_bitsandbytes_base_is_decomposed_from_its_dequantized_weight_and_its_adapter_replays(tmp_path, bits, quantized):
     bnb = pytest.importorskip("bitsandbytes")
     transformers = pytest.importorskip("transformers")
-    from srlora_hf import apply_srlora as hf_apply, dequantized, from_pretrained
+    from srlora_hf import QuantizedSRLoRALinear, apply_srlora as hf_apply, dequantized, from_pretrained
     tiny_llama(0).save_pretrained(tmp_path / "base")
     quant = transformers.BitsAndBytesConfig(**{f"load_in_{bits}bit": True})
     load = lambda: transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base"), quantization_config=quant,
@@ -431,15 +431,60 @@ def test_a_bitsandbytes_base_is_decomposed_from_its_dequantized_weight_and_its_a
     W = dequantized(layer)
     W_fp32 = tiny_llama(0).model.layers[0].mlp.down_proj.weight
     assert W.shape == W_fp32.shape and (W - W_fp32).abs().max() < (0.2 if bits == 4 else 0.01) * W_fp32.abs().max()
-    model = hf_apply(base, r=R, r_target=R_TARGET)
-    torch.testing.assert_close(model.model.layers[0].mlp.down_proj.effective_weight(), W, rtol=0, atol=1e-6 * W.abs().max().item())  # PiSSA of that very weight
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():                            # in train(): bitsandbytes' CPU inference kernel would repack W0
+        before = base.train()(ids).logits
+    model = hf_apply(base, r=R, r_target=R_TARGET, quantized=quantized)
+    wrapped = model.model.layers[0].mlp.down_proj
+    torch.testing.assert_close(wrapped.effective_weight(), W, rtol=0, atol=1e-6 * W.abs().max().item())  # PiSSA of that very weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=1e-5)   # the same function
+    if quantized == "keep":                          # W0 stays quantized; nothing of the layer's own is W-sized
+        assert isinstance(wrapped, QuantizedSRLoRALinear) and wrapped.base_layer is layer
+        assert all(t.numel() < W.numel() for key, t in wrapped.state_dict().items() if not key.startswith("base_layer."))
+    else:
+        assert type(wrapped).__name__ == "RecordedSRLoRALinear" and wrapped.weight.shape == W.shape
     _, callback, _ = train(tmp_path / "run", max_steps=4, model=model, save_steps=1000)
     assert len(callback.events) == 4 * 14
+    if quantized == "keep":                          # the switches and an eval forward left W0 as it was loaded
+        logits(model)
+        assert not getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False)
+        assert torch.equal(dequantized(layer), W)
     model.save_pretrained(tmp_path / "adapter")
     assert torch.equal(logits(from_pretrained(str(tmp_path / "base"), tmp_path / "adapter", quantization_config=quant,
                                               device_map="cpu")), logits(model))
     with pytest.raises(ValueError, match=r"^from_pretrained: the adapter was trained on a base with .*quantization_config"):
         from_pretrained(str(tmp_path / "base"), tmp_path / "adapter")        # the unquantized base: another W0
+
+
+def test_a_kept_quantized_layer_keeps_its_function_at_every_switch_and_computes_its_effective_weight(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    from srlora import ImportanceTracker, recompose
+    from srlora_hf import apply_srlora as hf_apply
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    model = hf_apply(transformers.LlamaForCausalLM.from_pretrained(
+        str(tmp_path / "base"), quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True),
+        device_map="cpu"), r=R, r_target=R_TARGET)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tracker, layers = ImportanceTracker(model), [layer for _, layer in srlora_layers(model)]
+    for step in range(8):
+        model(ids, labels=ids).loss.backward()
+        tracker.update(), optimizer.step(), optimizer.zero_grad()
+        if step % 2:
+            with torch.no_grad():
+                before, weights = model(ids).logits, [layer.effective_weight() for layer in layers]
+            assert len(recompose(model, tracker, optimizer)) == len(layers)
+            with torch.no_grad():
+                torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=1e-5)
+            for layer, W in zip(layers, weights):
+                torch.testing.assert_close(layer.effective_weight(), W, rtol=0, atol=1e-6)
+    assert {layer.next_index for layer in layers} == {R_TARGET}
+    layer = model.model.layers[1].mlp.down_proj
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():                             # forward = x (W0 + the change + scaling B A)^T
+        torch.testing.assert_close(layer(x), x @ layer.effective_weight().T, rtol=0, atol=1e-5)
 
 
 def test_a_4bit_layer_repacked_by_a_cpu_forward_is_refused_in_one_line(tmp_path):
