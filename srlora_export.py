@@ -222,7 +222,17 @@ def export_lora_adapter(model: nn.Module, path, base, rank: int = None) -> dict:
 # give back W only to rounding.
 
 ADAPTER_WEIGHTS = "model.safetensors"      # the name the Trainer resumes from (pytorch_model.bin without safetensors)
-ADAPTER_CONFIG = "srlora_config.json"      # marks the folder: an SRLoRA adapter, not a model (there is no config.json)
+ADAPTER_CONFIG = "srlora_config.json"      # marks the folder: an SRLoRA adapter, not a model
+# transformers' AutoModel*.from_pretrained reads config.json, and PEFT's PeftModel.from_pretrained reads
+# adapter_config.json.  What they find in an adapter folder makes both refuse it with an error that
+# names the right loader (an unknown model_type, an unknown peft_type), instead of loading the model
+# without its adapter; with no base_model_name_or_path, transformers does not load a base for PEFT first.
+LOAD_HINT = "srlora adapter: load it with srlora_hf.from_pretrained(base, folder) or srlora_export.load_adapter"
+# A Trainer checkpoint's weights file also holds the importance EMAs under these names (srlora_hf), so
+# that a resume finds them in the very file the Trainer loads; load_adapter leaves them out.
+TRACKER_PREFIX = "srlora_tracker."
+REFUSALS = {"config.json": {"model_type": LOAD_HINT},
+            "adapter_config.json": {"peft_type": LOAD_HINT, "base_model_name_or_path": None}}
 ADAPTER_KEYS = ("lora_A", "lora_B", "active_indices", "_extra_state", "fused_A", "fused_B")
 
 
@@ -321,36 +331,41 @@ def _config_dict(cfg: SRLoRAConfig) -> dict:
 
 
 @torch.no_grad()
-def adapter_state_dict(model: nn.Module) -> dict:
-    """The entries of model.state_dict() that training changed: per SRLoRA layer ADAPTER_KEYS, and
-    every other parameter that requires grad (a trained head), under the model's own names."""
+def adapter_state_dict(model: nn.Module, weights: bool = False) -> dict:
+    """The entries of model.state_dict() that training changed: per SRLoRA layer ADAPTER_KEYS (and W
+    itself with weights=True, for layers that keep no record), and every other parameter that
+    requires grad (a trained head), under the model's own names."""
     adapted = dict(srlora_layers(model))
+    keys = ADAPTER_KEYS + (("weight",) if weights else ())
     for name, layer in adapted.items():
-        if layer.next_index > layer.r and not getattr(layer, "history", False):
+        if layer.next_index > layer.r and not getattr(layer, "history", False) and not weights:
             raise ValueError(f"save_adapter: {name} switched without record_switches(model), so the pairs fused "
                              f"into W are lost; call record_switches right after apply_srlora, or use export_merged")
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     state = {}
     for key, value in model.state_dict(keep_vars=True).items():
         owner, _, leaf = key.rpartition(".")
-        if (leaf in ADAPTER_KEYS) if owner in adapted else id(value) in trainable:
+        if (leaf in keys) if owner in adapted else id(value) in trainable:
             state[key] = value.detach()
     return state
 
 
-def save_adapter(model: nn.Module, folder, **info) -> Path:
-    """Write adapter_state_dict(model) to folder/model.safetensors and the SRLoRAConfig, the layer
-    names and the trained parameters' names (with `info`, e.g. base_model_name_or_path) to
-    folder/srlora_config.json.  No config.json: transformers' from_pretrained refuses the folder
-    rather than load a model without the adapter.  Returns the folder."""
+def save_adapter(model: nn.Module, folder, extra: dict = None, weights: bool = False, **info) -> Path:
+    """Write adapter_state_dict(model, weights) (and the tensors of `extra`, named TRACKER_PREFIX...) to
+    folder/model.safetensors and the SRLoRAConfig, the layer names and the trained parameters' names
+    (with `info`, e.g. base_model_name_or_path) to folder/srlora_config.json.  config.json and adapter_config.json make transformers' and PEFT's
+    from_pretrained refuse the folder, naming the right loader (REFUSALS).  Returns the folder."""
     folder = Path(folder)
-    cfg, state = _common_config(model), adapter_state_dict(model)
+    cfg, state = _common_config(model), adapter_state_dict(model, weights)
     adapted = {name for name, _ in srlora_layers(model)}
-    meta = {"srlora_adapter": 1, **info, "config": _config_dict(cfg), "layers": sorted(adapted),
+    meta = {"srlora_adapter": 1, **info, **({"weights": True} if weights else {}), "config": _config_dict(cfg),
+            "layers": sorted(adapted),
             "trainable": [key for key in state if key.rpartition(".")[0] not in adapted]}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-    _save(state, folder / (ADAPTER_WEIGHTS if safetensors is not None else "pytorch_model.bin"))
+    for name, refusal in REFUSALS.items():
+        (folder / name).write_text(json.dumps(refusal, indent=2) + "\n")
+    _save({**state, **(extra or {})}, folder / (ADAPTER_WEIGHTS if safetensors is not None else "pytorch_model.bin"))
     return folder
 
 
@@ -374,12 +389,14 @@ def load_adapter(model: nn.Module, folder) -> nn.Module:
         raise ValueError(f"load_adapter: the model's SRLoRA layers ({len(adapted)}) or their config are not the "
                          f"adapter's ({len(meta['layers'])} layers, {meta['config']}); wrap the pretrained model "
                          f"with apply_srlora(model, SRLoRAConfig(**read_adapter_config(folder)['config'])) first")
-    record_switches(model)
+    if not meta.get("weights"):                    # W itself is in the file: nothing to replay
+        record_switches(model)
     path = folder / ADAPTER_WEIGHTS
     if path.is_file():
         state = safetensors.torch.load_file(str(path), device=str(next(iter(adapted.values())).lora_A.device))
     else:
         state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    state = {key: value for key, value in state.items() if not key.startswith(TRACKER_PREFIX)}
     result = model.load_state_dict(state, strict=False)
     lost = result.unexpected_keys + [key for key in result.missing_keys if key.rpartition(".")[0] in adapted
                                      and key.rpartition(".")[2] in ADAPTER_KEYS]

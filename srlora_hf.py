@@ -20,7 +20,6 @@ costs nothing without them.  Depends on srlora.py and srlora_export.py.
 """
 import dataclasses
 import os
-import sys
 import types
 
 import torch
@@ -30,10 +29,10 @@ import torch.nn.functional as F
 import srlora
 from srlora import (FIRST_MOMENTS, PAPER_TARGETS, SECOND_MOMENTS, ImportanceTracker, SRLoRAConfig, recompose,
                     srlora_layers, switch_steps)
-from srlora_export import ADAPTER_CONFIG, RecordedSRLoRALinear, load_adapter, read_adapter_config, record_switches
+from srlora_export import (ADAPTER_CONFIG, TRACKER_PREFIX, RecordedSRLoRALinear, load_adapter, read_adapter_config,
+                           record_switches)
 from srlora_export import save_adapter as srlora_export_save
 
-TRACKER_FILE = "srlora_tracker.pt"   # written next to the model in every Trainer checkpoint folder
 
 # The paper's maps (Q, K, V, attention output, FFN) per transformers model_type.  Phi-3 fuses Q, K, V
 # into qkv_proj and the gate and up maps into gate_up_proj: the Llama names would match 4 of its 9 maps.
@@ -55,7 +54,8 @@ def targets_for(model) -> tuple:
     return MODEL_TYPE_TARGETS[model_type]
 
 
-def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, quantized: str = "keep", **overrides) -> nn.Module:
+def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, quantized: str = "keep", record: bool = True,
+                 **overrides) -> nn.Module:
     """srlora.apply_srlora for a transformers model, plus what it needs around it:
 
     - targets: targets_for(model) unless config or a targets= keyword names them; each target must
@@ -66,6 +66,8 @@ def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, quantized: str =
       quantized and untouched and holds the change as factors (QuantizedSRLoRALinear);
       "dequantize": the layer becomes a dense residual W in residual_dtype (dequantize_targets);
     - record_switches(model), and save_pretrained writes the adapter (srlora_export.save_adapter).
+      record=False saves the memory of the record ((r_target - r)(m + n) fp32 numbers per layer) and
+      makes every save hold the adapted layers' W too, the size of those layers (save_adapter(weights=True)).
     Returns model, modified in place.
     """
     if type(model).__name__.startswith("Peft") or hasattr(model, "peft_config"):
@@ -83,6 +85,10 @@ def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, quantized: str =
         raise ValueError(f"apply_srlora: targets {unmatched} match no module of {type(model).__name__}; {hint}")
     if quantized not in QUANTIZED_ROUTES:
         raise ValueError(f"apply_srlora: quantized={quantized!r} is unknown; use one of {QUANTIZED_ROUTES}")
+    if not record and quantized == "keep" and any(type(m).__name__ in BNB_LINEARS and srlora.matches(name, cfg.targets)
+                                                  for name, m in model.named_modules()):
+        raise ValueError("apply_srlora: record=False with quantized='keep': a layer that keeps W0 quantized reads "
+                         "W - W0 from the record; pass quantized='dequantize' or record=True")
     kinds = (keep_quantized_targets if quantized == "keep" else dequantize_targets)(model, cfg)
     if any(srlora._wrappable(m) and srlora.matches(name, cfg.targets) for name, m in model.named_modules()):
         srlora.apply_srlora(model, cfg)
@@ -92,16 +98,20 @@ def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, quantized: str =
             layer.lora_A.requires_grad_(True), layer.lora_B.requires_grad_(True)
     if kinds:
         model.srlora_quantized = quantized
+    model.srlora_record = record
     return _saves_adapters(model, kinds)
 
 
 def _saves_adapters(model: nn.Module, quantized=None) -> nn.Module:
-    """record_switches(model), and model.save_pretrained(folder) = save_adapter(model, folder)."""
-    record_switches(model)
+    """record_switches(model); model.save_pretrained(folder) = save_adapter(model, folder), and
+    model.load_state_dict keeps a checkpoint's importance EMAs aside for SRLoRACallback."""
+    if getattr(model, "srlora_record", True):
+        record_switches(model)
     if hasattr(model, "save_pretrained") and not hasattr(model.save_pretrained, "srlora"):
         if quantized is not None:
             model.srlora_dequantized = quantized
         model.save_pretrained = types.MethodType(_save_pretrained, model)
+        model.load_state_dict = types.MethodType(_load_state_dict, model)
     # The Trainer refuses a quantized model "without trainable adapters" unless this is set: one whose
     # bitsandbytes targets were dequantized, and one loaded from a GGUF file (dequantized on load).
     if quantized or getattr(model, "hf_quantizer", None) is not None:
@@ -116,16 +126,50 @@ def _save_pretrained(self, save_directory, state_dict=None, is_main_process=True
                          "save it, then upload the folder with huggingface_hub.upload_folder")
     if is_main_process:
         _check_intact(self, "save_pretrained")
-        save_adapter(self, save_directory)
+        tracker = getattr(self, "srlora_tracker", None)       # set by SRLoRACallback while it trains
+        checkpoint = os.path.basename(os.path.normpath(save_directory)).startswith("checkpoint-")
+        save_adapter(self, save_directory, extra=tracker_tensors(tracker) if tracker and checkpoint else None,
+                     weights=not getattr(self, "srlora_record", True))
 
 
 _save_pretrained.srlora = True
 
 
-def save_adapter(model: nn.Module, folder):
-    """srlora_export.save_adapter, with the base model's name and the dequantized layer types."""
+def _load_state_dict(self, state_dict, strict=True, assign=False):
+    # What the Trainer calls on a resume, with the weights of the checkpoint it resumes from, whatever
+    # path it was given: the importance EMAs in them wait for SRLoRACallback.on_train_begin.
+    ema = {key: value for key, value in state_dict.items() if key.startswith(TRACKER_PREFIX)}
+    if ema:
+        self.srlora_resumed_tracker = ema
+        state_dict = {key: value for key, value in state_dict.items() if key not in ema}
+    return type(self).load_state_dict(self, state_dict, strict=strict, assign=assign)
+
+
+def tracker_tensors(tracker: ImportanceTracker) -> dict:
+    """The tracker's state as flat tensors for a weights file: TRACKER_PREFIX + "<layer>.ibar_A", ..."""
+    flat = {f"{TRACKER_PREFIX}betas": torch.tensor([tracker.beta1, tracker.beta2], dtype=torch.float64)}
+    for name, emas in tracker.state_dict().items():
+        if isinstance(emas, dict):
+            flat.update({f"{TRACKER_PREFIX}{name}.{key}": t.detach().contiguous() for key, t in emas.items()})
+    return flat
+
+
+def tracker_state(flat: dict) -> dict:
+    """tracker_tensors' inverse: the dict ImportanceTracker.load_state_dict takes."""
+    beta1, beta2 = flat[f"{TRACKER_PREFIX}betas"].tolist()
+    state = {"beta1": beta1, "beta2": beta2}
+    for key, t in flat.items():
+        name, _, leaf = key[len(TRACKER_PREFIX):].rpartition(".")
+        if name:
+            state.setdefault(name, {})[leaf] = t
+    return state
+
+
+def save_adapter(model: nn.Module, folder, extra: dict = None, weights: bool = False):
+    """srlora_export.save_adapter, with the base model's name and the quantized layer types and route."""
     kinds = getattr(model, "srlora_dequantized", {})
-    return srlora_export_save(model, folder, base_model_name_or_path=getattr(model, "name_or_path", None) or None,
+    return srlora_export_save(model, folder, extra, weights,
+                              base_model_name_or_path=getattr(model, "name_or_path", None) or None,
                               dequantized=kinds, **({"quantized": model.srlora_quantized} if kinds else {}))
 
 
@@ -145,7 +189,8 @@ def from_pretrained(base, adapter_dir, model_class=None, **kwargs) -> nn.Module:
                          f"bitsandbytes layers, this one has {kinds or 'none'}; load the base as it was trained "
                          f"(the same quantization_config)")
     # adapters written before quantized="keep" existed were trained on dequantized layers
-    model = apply_srlora(base, SRLoRAConfig(**meta["config"]), quantized=meta.get("quantized", "dequantize"))
+    model = apply_srlora(base, SRLoRAConfig(**meta["config"]), quantized=meta.get("quantized", "dequantize"),
+                         record=not meta.get("weights", False))
     return load_adapter(model, adapter_dir)
 
 
@@ -291,9 +336,10 @@ class SRLoRACallbackLogic:
       save_pretrained, so each checkpoint's model.safetensors is the adapter (A, B, indices, fused
       pairs), not the model.  A resume loads it into the freshly wrapped model, and each layer
       replays its switches onto W: the same W, bit for bit.
-    - Resume: on_save writes the tracker to TRACKER_FILE in the checkpoint folder; on_train_begin of
-      a resumed run reads it from output_dir/checkpoint-<global_step>, so the EMAs, and with them
-      the switch decisions, continue as if the run had not stopped.
+    - Resume: a checkpoint's model.safetensors also holds the tracker's EMAs (tracker_tensors), and
+      the Trainer loads that file from whatever folder it resumes from; on_train_begin of a resumed
+      run takes them back, so the EMAs, and with them the switch decisions, continue as if the run
+      had not stopped.
     - Refused at the start, in one line: adapters that do not require grad (get_peft_model or
       SFTTrainer(peft_config=...) on top of SRLoRA freezes them, and nothing would train).
     `events` holds one record per layer switch: step, layer, slots, indices fused out and brought in.
@@ -317,7 +363,7 @@ class SRLoRACallbackLogic:
         layers = [layer for _, layer in srlora_layers(model)]
         if state.global_step == 0:
             _saves_adapters(model)                                 # a callback added after Trainer(...)
-        elif not all(hasattr(layer, "fused_A") for layer in layers):
+        elif getattr(model, "srlora_record", True) and not all(hasattr(layer, "fused_A") for layer in layers):
             raise ValueError("SRLoRACallback: the checkpoint was loaded before the callback recorded the model's "
                              "switches; pass it as Trainer(callbacks=[SRLoRACallback()]) or wrap with "
                              "srlora_hf.apply_srlora")
@@ -325,12 +371,14 @@ class SRLoRACallbackLogic:
         # The largest r_target any layer kept: apply_srlora clamps it to min(m, n) per layer.
         r_target = max(layer.r_target for layer in layers)
         self.switches = set(switch_steps(state.max_steps, layers[0].r, r_target, layers[0].config.gamma))
+        model.srlora_tracker = self.tracker                        # a checkpoint's save_pretrained writes it
+        resumed = model.__dict__.pop("srlora_resumed_tracker", None)
         if state.global_step > 0:                                  # resumed from a checkpoint
-            path = os.path.join(_resumed_from(args, state), TRACKER_FILE)
-            if not os.path.isfile(path):
-                raise ValueError(f"resume_from_checkpoint: {path} is missing, so the importance EMAs "
-                                 f"would restart; resume from a checkpoint that SRLoRACallback wrote")
-            self.tracker.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            if resumed is None:
+                raise ValueError(f"resume_from_checkpoint: the checkpoint of step {state.global_step} holds no "
+                                 f"importance EMAs ({TRACKER_PREFIX}*), so they would restart; resume from a "
+                                 f"checkpoint that SRLoRACallback wrote")
+            self.tracker.load_state_dict(tracker_state(resumed))
 
     # Importance sees the gradients the optimizer is about to apply: this hook fires after the
     # Trainer's max_grad_norm clipping (and after fp16 unscaling).  The paper is silent.  We keep
@@ -353,11 +401,6 @@ class SRLoRACallbackLogic:
             print(f"srlora: step {state.global_step}: switched {len(events)} layers, "
                   f"brought in directions {span}")
 
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save:                                       # the processes that wrote the checkpoint
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            torch.save(self.tracker.state_dict(), os.path.join(folder, TRACKER_FILE))
-
     def _warn_unknown_moments(self, optimizer):
         if self._warned or optimizer is None:
             return
@@ -370,22 +413,6 @@ class SRLoRACallbackLogic:
                           f"does not reset: recycled slots keep the old slots' values there (it resets "
                           f"{FIRST_MOMENTS}, and {SECOND_MOMENTS} with moments='reset')", stacklevel=2)
         self._warned = True
-
-
-def _resumed_from(args, state) -> str:
-    """The checkpoint folder trainer.train(resume_from_checkpoint=...) loaded.
-
-    The Trainer hands callbacks neither the path nor itself, so this reads the resume_from_checkpoint
-    local of the Trainer's _inner_training_loop frame, which holds the folder whether a path or True
-    was given (transformers 5.23; tests/test_srlora_hf.py resumes from a folder outside output_dir).
-    Elsewhere: output_dir/checkpoint-<global_step>, where resume_from_checkpoint=True looks."""
-    frame = sys._getframe()
-    while frame is not None:
-        path = frame.f_locals.get("resume_from_checkpoint") if frame.f_code.co_name == "_inner_training_loop" else None
-        if isinstance(path, (str, os.PathLike)):
-            return os.fspath(path)
-        frame = frame.f_back
-    return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
 
 
 def _check_intact(model: nn.Module, where: str) -> None:
@@ -426,7 +453,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     the layer type it wrapped, holding W + scaling B A), and the model's own save_pretrained and
     Trainer checks back.  Returns model, a plain transformers model again."""
     srlora.merge_srlora(model)
-    for attribute in ("save_pretrained", "srlora_dequantized", "srlora_quantized", "_hf_peft_config_loaded"):
+    for attribute in ("save_pretrained", "load_state_dict", "srlora_dequantized", "srlora_quantized", "srlora_tracker",
+                      "srlora_record",
+                      "_hf_peft_config_loaded"):
         model.__dict__.pop(attribute, None)         # the instance attributes _saves_adapters set
     return model
 

@@ -3,7 +3,7 @@
     python bench/report.py          # rewrites the part between the two "generated" markers
 
 Only that part changes, so the prose around it is kept.  Every number in it is read from a JSON
-file that bench/step_time.py, bench/init_time.py or bench/bf16.py wrote; nothing is typed in.
+file that bench/step_time.py, bench/init_time.py, bench/bf16.py or bench/qlora.py wrote; nothing is typed in.
 """
 import json
 import statistics
@@ -154,6 +154,32 @@ def bf16_section(d, name):
     return out + [""]
 
 
+QLORA_ROWS = (("peft_qlora", "PEFT LoRA on the 4-bit layers (QLoRA)"),
+              ("srlora_keep", 'SRLoRA, `quantized="keep"` (W0 stays 4-bit)'),
+              ("srlora_keep_switched", 'the same, after every switch of a run'),
+              ("srlora_dequantize", 'SRLoRA, `quantized="dequantize"` (dense bf16 residuals)'))
+
+
+def qlora_section(d, name):
+    """bench/qlora.py: SRLoRA on a 4-bit base against PEFT's QLoRA."""
+    c, mem, st = d["config"], d["memory_mib"], d["step"]
+    out = [f"### A 4-bit base (QLoRA), {name}", ""] + env_lines(d) + ["",
+           f"**{d['block']}**, loaded by transformers with `BitsAndBytesConfig(load_in_4bit=True)`; "
+           f"SRLoRA r={c['r']}, r_target={c['r_target']}, basis in bf16, switches recorded; PEFT LoRA "
+           f"r={c['r']}. Memory: the model's state (parameters, buffers, bitsandbytes' quantization "
+           f"state), and with the gradients and AdamW moments of what trains (3 x its fp32 bytes) plus, "
+           f"for SRLoRA, the tracker's two EMAs (2 x). Step: batch {c['batch']} x {c['seq']} tokens, "
+           f"{st['rounds']} interleaved rounds; on a CPU, bitsandbytes' 4-bit kernels are not a GPU's.", "",
+           "| | state (MiB) | / QLoRA | training (MiB) | / QLoRA | median step (ms) | / QLoRA |",
+           "|---|---|---|---|---|---|---|"]
+    for k, what in QLORA_ROWS:
+        if k in mem:
+            ratio = lambda kind: d["memory_ratios"].get(f"{k}/peft_qlora ({kind})", 1)  # noqa: E731
+            out.append(f"| {what} | {mem[k]['state']} | {ratio('state')} | {mem[k]['training']} | "
+                       f"{ratio('training')} | {st['median_ms'][k]} | {st['ratios'].get(f'{k}/peft_qlora', 1)} |")
+    return out + [""]
+
+
 def bf16_accuracy_section(folder):
     """Dev accuracy of SRLoRA with a bf16 against an fp32 residual: docs/results/bf16/<dtype>-seed<n>/."""
     runs = {}
@@ -197,10 +223,14 @@ def main():
     if load("bf16_cpu.json"):
         lines += bf16_section(load("bf16_cpu.json"), "CPU")
     lines += bf16_accuracy_section(ROOT / "docs" / "results" / "bf16")
+    if load("qlora_cpu.json"):
+        lines += qlora_section(load("qlora_cpu.json"), "CPU")
     if step_gpu:
         lines += step_section(step_gpu, "CUDA")
     if init_gpu:
         lines += init_section(init_gpu, "CUDA")
+    if load("qlora_cuda.json"):
+        lines += qlora_section(load("qlora_cuda.json"), "CUDA")
     if not (step_gpu or init_gpu):
         lines += ["### CUDA", "", "No CUDA run has been made: docs/bench/ holds no step_time_cuda.json or "
                   "init_time_cuda.json. Every GPU target is unmeasured:"]

@@ -1,4 +1,4 @@
-"""bench/gpu.sh --quick: the GPU suite's four steps at smoke size on CPU, so that the suite cannot rot
+"""bench/gpu.sh --quick: the GPU suite's five steps at smoke size on CPU, so that the suite cannot rot
 while no GPU is at hand.  It loads the real SmolLM2 (about 30 s) and reads a tiny man-page corpus."""
 import importlib.util
 import json
@@ -21,7 +21,7 @@ def test_gpu_suite_quick_runs_every_step_on_cpu(tmp_path):
     done = subprocess.run(["bash", "bench/gpu.sh", "--quick"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
-    for name in ("step_time", "bf16", "init_time"):
+    for name in ("step_time", "bf16", "init_time", "qlora"):
         assert json.loads((out / f"{name}.json").read_text())["benchmark"] in (name, "bf16")
     records = [json.loads(line) for line in (out / "llm" / "quick" / "log.jsonl").read_text().splitlines()]
     assert {r["event"] for r in records} >= {"train", "eval", "switch"}

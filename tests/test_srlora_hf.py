@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from srlora import SRLoRALinear, apply_srlora, srlora_layers
 from srlora import PAPER_TARGETS
-from srlora_hf import TRACKER_FILE          # importing srlora_hf needs no transformers; SRLoRACallback does
+from srlora_export import TRACKER_PREFIX    # importing srlora_hf needs no transformers; SRLoRACallback does
 from tests.helpers import ROOT
 
 
@@ -129,7 +129,8 @@ def test_save_pretrained_writes_an_adapter_that_from_pretrained_gives_back_bit_f
     from srlora_hf import from_pretrained
     model, _, _ = train(tmp_path / "run", max_steps=8, save_steps=1000)      # switches at 2, 4, 6, 8
     model.save_pretrained(tmp_path / "adapter")
-    assert sorted(os.listdir(tmp_path / "adapter")) == ["model.safetensors", "srlora_config.json"]   # no config.json
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "config.json", "model.safetensors",
+                                                        "srlora_config.json"]     # the first two refuse (REFUSALS)
     saved = load_file(str(tmp_path / "adapter" / "model.safetensors"))
     assert {k.rsplit(".", 1)[-1] for k in saved} == {"lora_A", "lora_B", "active_indices", "_extra_state",
                                                      "fused_A", "fused_B"}   # no W, no basis, no embedding
@@ -193,26 +194,61 @@ def test_an_adapter_trained_with_switches_reloads_with_identical_logits_and_gree
             assert torch.equal(fresh.generate(prompt, **greedy), model.generate(prompt, **greedy))
 
 
-def test_transformers_from_pretrained_refuses_an_srlora_folder_instead_of_loading_it_without_the_adapter(tmp_path):
+def test_transformers_and_peft_from_pretrained_refuse_an_srlora_folder_naming_the_loader(tmp_path):
     transformers = pytest.importorskip("transformers")
     model, _, _ = train(tmp_path / "run", max_steps=4, save_steps=2)
     model.save_pretrained(tmp_path / "adapter")
+    peft = pytest.importorskip("peft")
     for folder in (tmp_path / "adapter", tmp_path / "run" / "checkpoint-4"):
-        with pytest.raises((ValueError, OSError)):
+        with pytest.raises(ValueError, match=r"load it with srlora_hf\.from_pretrained\(base, folder\)"):
             transformers.AutoModelForCausalLM.from_pretrained(str(folder))
+        with pytest.raises(KeyError, match=r"load it with srlora_hf\.from_pretrained\(base, folder\)"):
+            peft.PeftModel.from_pretrained(tiny_llama(0), str(folder))
+        with pytest.raises(KeyError, match=r"load it with srlora_hf\.from_pretrained\(base, folder\)"):
+            peft.AutoPeftModelForCausalLM.from_pretrained(str(folder))
 
 
 def test_trainer_checkpoints_hold_the_adapter_not_the_model(tmp_path):
     from safetensors.torch import load_file
     model, _, _ = train(tmp_path / "run", max_steps=6, save_steps=6)
     folder = tmp_path / "run" / "checkpoint-6"
-    assert not (folder / "config.json").exists() and (folder / "srlora_config.json").exists()
-    adapter = sum(v.numel() * v.element_size() for v in load_file(str(folder / "model.safetensors")).values())
+    assert (folder / "srlora_config.json").exists() and "srlora_hf.from_pretrained" in (folder / "config.json").read_text()
+    saved = load_file(str(folder / "model.safetensors"))
+    adapter = sum(v.numel() * v.element_size() for k, v in saved.items() if not k.startswith(TRACKER_PREFIX))
+    ema = sum(v.numel() * v.element_size() for k, v in saved.items() if k.startswith(TRACKER_PREFIX))
     whole = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     # per layer: A, B and the fused pairs, r_target (m + n) fp32 numbers, as a LoRA adapter of rank r_target;
     # and active_indices (r int64) and (next_index, r, alpha) (3 float64)
     formula = sum(4 * R_TARGET * (l.in_features + l.out_features) + 8 * R + 24 for _, l in srlora_layers(model))
     assert adapter == formula and adapter < whole / 3       # a tiny model: 7B ratios in docs/HUGGINGFACE.md
+    # and, for the resume, the tracker's two EMAs of each A and B entry, fp32, and (beta1, beta2)
+    assert ema == sum(2 * 4 * R * (l.in_features + l.out_features) for _, l in srlora_layers(model)) + 16
+    model.save_pretrained(tmp_path / "adapter")               # a save that is no checkpoint: the adapter alone
+    assert not any(k.startswith(TRACKER_PREFIX) for k in load_file(str(tmp_path / "adapter" / "model.safetensors")))
+
+
+def test_record_false_keeps_no_fused_pairs_and_saves_w_itself_which_loads_and_resumes_exactly(tmp_path):
+    from safetensors.torch import load_file
+    from srlora_hf import apply_srlora as hf_apply, from_pretrained
+    wrap = lambda: hf_apply(tiny_llama(0), r=R, r_target=R_TARGET, record=False)    # noqa: E731
+    whole, whole_cb, _ = train(tmp_path / "whole", max_steps=24, save_steps=12, model=wrap())
+    assert not any(hasattr(layer, "fused_A") for _, layer in srlora_layers(whole))   # no record held
+    assert len(whole_cb.events) == 4 * 14
+    whole.save_pretrained(tmp_path / "adapter")
+    saved = load_file(str(tmp_path / "adapter" / "model.safetensors"))
+    assert {k.rsplit(".", 1)[-1] for k in saved} == {"weight", "lora_A", "lora_B", "active_indices", "_extra_state"}
+    assert torch.equal(logits(from_pretrained(tiny_llama(0), tmp_path / "adapter")), logits(whole))
+    shutil.copytree(tmp_path / "whole" / "checkpoint-12", tmp_path / "resumed" / "checkpoint-12")
+    resumed, resumed_cb, _ = train(tmp_path / "resumed", max_steps=24, resume=True, model=wrap())
+    assert resumed_cb.events == [e for e in whole_cb.events if e["step"] > 12] != []
+    assert torch.equal(logits(resumed), logits(whole))
+    with pytest.raises(ValueError, match=r"^apply_srlora: record=False with quantized='keep'"):
+        pytest.importorskip("bitsandbytes")
+        import transformers
+        tiny_llama(0).save_pretrained(tmp_path / "base")
+        hf_apply(transformers.LlamaForCausalLM.from_pretrained(
+            str(tmp_path / "base"), quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True),
+            device_map="cpu"), r=R, r_target=R_TARGET, record=False)
 
 
 def test_a_whole_state_dict_still_loads_into_a_freshly_wrapped_model(tmp_path):
@@ -238,7 +274,7 @@ def test_importance_with_gradient_accumulation_equals_importance_of_one_big_batc
 def test_switches_follow_eq_13_14_from_max_steps(tmp_path):
     _, callback, _ = train(tmp_path / "run", max_steps=24)
     assert sorted({e["step"] for e in callback.events}) == [6, 12, 18, 24]          # (12-4)//2 = 4 switches
-    assert len(callback.events) == 4 * 14 and os.path.isfile(tmp_path / "run" / "checkpoint-12" / TRACKER_FILE)
+    assert len(callback.events) == 4 * 14
 
 
 @pytest.mark.parametrize("resume_at", [12, 15])      # at a switch step, and between two
@@ -254,10 +290,13 @@ def test_a_resumed_trainer_run_makes_the_same_switches_and_ends_with_the_same_we
         assert torch.equal(x, y)
 
 
-def test_resuming_without_the_tracker_file_is_refused_in_one_line(tmp_path):
+def test_resuming_from_a_checkpoint_without_the_importance_emas_is_refused_in_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
     train(tmp_path / "run", max_steps=12)
-    os.remove(tmp_path / "run" / "checkpoint-12" / TRACKER_FILE)
-    with pytest.raises(ValueError, match=f"checkpoint-12.{TRACKER_FILE} is missing") as e:
+    path = str(tmp_path / "run" / "checkpoint-12" / "model.safetensors")
+    save_file({k: v for k, v in load_file(path).items() if not k.startswith(TRACKER_PREFIX)}, path)
+    with pytest.raises(ValueError, match=r"^resume_from_checkpoint: the checkpoint of step 12 holds no importance "
+                                         r"EMAs \(srlora_tracker\.\*\)") as e:
         train(tmp_path / "run", max_steps=24, resume=True)
     assert "\n" not in str(e.value)
 
