@@ -112,6 +112,8 @@ def _saves_adapters(model: nn.Module, quantized=None) -> nn.Module:
             model.srlora_dequantized = quantized
         model.save_pretrained = types.MethodType(_save_pretrained, model)
         model.load_state_dict = types.MethodType(_load_state_dict, model)
+        model.print_trainable_parameters = types.MethodType(print_trainable_parameters, model)   # PEFT's habits
+        model.merge_and_unload = types.MethodType(merge_and_unload, model)
     # The Trainer refuses a quantized model "without trainable adapters" unless this is set: one whose
     # bitsandbytes targets were dequantized, and one loaded from a GGUF file (dequantized on load).
     if quantized or getattr(model, "hf_quantizer", None) is not None:
@@ -441,10 +443,12 @@ def _warn_adapter_dtype(model: nn.Module) -> None:
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
-    """PeftModel.print_trainable_parameters for an SRLoRA model: the same line, counting parameters
-    (W, A, B, biases, the rest), not buffers (the basis, the fused pairs)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """PeftModel.print_trainable_parameters for an SRLoRA model (also model.print_trainable_parameters()
+    on one from apply_srlora here): the same line, counting parameters (W, A, B, biases, the rest), not
+    buffers (the basis, the fused pairs); a 4-bit weight counts two per packed byte, as PEFT counts it."""
+    count = lambda p: p.numel() * (2 if hasattr(p, "quant_state") and p.dtype == torch.uint8 else 1)  # noqa: E731
+    trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(count(p) for p in model.parameters())
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
 
@@ -453,7 +457,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     the layer type it wrapped, holding W + scaling B A), and the model's own save_pretrained and
     Trainer checks back.  Returns model, a plain transformers model again."""
     srlora.merge_srlora(model)
-    for attribute in ("save_pretrained", "load_state_dict", "srlora_dequantized", "srlora_quantized", "srlora_tracker",
+    for attribute in ("save_pretrained", "load_state_dict", "print_trainable_parameters", "merge_and_unload",
+                      "srlora_dequantized", "srlora_quantized", "srlora_tracker",
                       "srlora_record",
                       "_hf_peft_config_loaded"):
         model.__dict__.pop(attribute, None)         # the instance attributes _saves_adapters set

@@ -342,9 +342,13 @@ def test_print_trainable_parameters_and_merge_and_unload_are_the_peft_habits(tmp
     capsys.readouterr()
     print_trainable_parameters(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert capsys.readouterr().out.startswith(f"trainable params: {trainable:,d} || all params: ")
+    line = capsys.readouterr().out
+    assert line.startswith(f"trainable params: {trainable:,d} || all params: ")
+    model.print_trainable_parameters()                             # as a PeftModel's method, too
+    assert capsys.readouterr().out == line
     before = logits(model)
-    merged = merge_and_unload(model)
+    merged = model.merge_and_unload()
+    assert not hasattr(model, "merge_and_unload") and merge_and_unload is not None
     assert merged is model and srlora_layers(model) == [] and type(model.model.layers[0].mlp.down_proj) is nn.Linear
     torch.testing.assert_close(logits(model), before, rtol=0, atol=1e-5)
     model.save_pretrained(tmp_path / "merged")                     # transformers' own save_pretrained again
