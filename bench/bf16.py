@@ -28,6 +28,7 @@ import common
 from common import UserError, has, median, timed
 import srlora_precision
 from srlora import ImportanceTracker, SRLoRALinear, apply_srlora, recompose, switch_steps
+from srlora_export import record_switches
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -52,7 +53,7 @@ class Bf16Config:
     drift_switches: str = "1,4,16,64"  # N at which the drift is read
     drift_dim: int = 2048         # the drift layer is drift_dim x drift_dim
     threads: int = 1              # torch CPU threads, as in step_time.py
-    methods: str = "lora,srlora,peft_lora"  # timed; lora is this project's LoRA (init="lora"), also bf16
+    methods: str = "lora,srlora,srlora_recorded,peft_lora"  # timed; srlora_recorded: record_switches (srlora_hf); lora is this project's LoRA (init="lora"), also bf16
     out: str = ""                 # write the JSON here too
 
 
@@ -90,6 +91,8 @@ def param_bytes(model) -> int:
 
 def wrap(method, base, cfg, compensate=False, **kw):
     model = copy.deepcopy(base)
+    if method == "srlora_recorded":                    # what srlora_hf.apply_srlora gives: adapter-sized saves
+        return record_switches(wrap("srlora", base, cfg, compensate, **kw))
     if method == "peft_lora":
         import peft
         return peft.get_peft_model(model, peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0,
@@ -102,13 +105,14 @@ def wrap(method, base, cfg, compensate=False, **kw):
 
 def memory(base, cfg, methods):
     """MiB of parameters + buffers, each variant built alone."""
-    variants = {"base": None, "srlora": {}, "srlora_compensate": {"compensate": True},
+    variants = {"base": None, "srlora": {}, "srlora_recorded": {}, "srlora_compensate": {"compensate": True},
                 "srlora_fp32_residual": {"residual_dtype": "float32"}}
     if "peft_lora" in methods:
         variants["peft_lora"] = None
     out = {}
     for name, kw in variants.items():
-        model = base if name == "base" else wrap("peft_lora" if name == "peft_lora" else "srlora", base, cfg, **(kw or {}))
+        method = name if name in ("peft_lora", "srlora_recorded") else "srlora"
+        model = base if name == "base" else wrap(method, base, cfg, **(kw or {}))
         out[name] = round(param_bytes(model) / 2**20, 1)
         del model
         gc.collect()
@@ -120,7 +124,7 @@ def step_time(base, cfg, device, methods):
     built = {}
     for m in methods:
         model = wrap(m, base, cfg).to(device).train()
-        tracker = ImportanceTracker(model) if m == "srlora" else None
+        tracker = ImportanceTracker(model) if m.startswith("srlora") else None
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         built[m] = (model, opt, tracker)
 
@@ -142,18 +146,21 @@ def step_time(base, cfg, device, methods):
         order = methods[i % len(methods):] + methods[:i % len(methods)]
         rounds.append({m: timed(steps[m], device) for m in order})
     result = {"tokens": cfg.batch * cfg.seq, "rounds": cfg.rounds}
-    if "srlora" in methods:
-        model, opt, tracker = built["srlora"]
+    for m in ("srlora", "srlora_recorded"):
+        if m not in methods:
+            continue
+        model, opt, tracker = built[m]
         interval = switch_steps(cfg.total_steps, cfg.r, cfg.r_target, cfg.gamma)[0]
         recompose_s = median([timed(lambda: recompose(model, tracker, opt), device)
                               for _ in range(3)])
-        result.update(recompose_ms=round(recompose_s * 1e3, 2), interval=interval)
+        result.update({f"{m.replace('srlora', 'recompose')}_ms": round(recompose_s * 1e3, 2), "interval": interval})
         for row in rounds:
-            row["srlora_amortized"] = row["srlora"] + recompose_s / interval
+            row[f"{m}_amortized"] = row[m] + recompose_s / interval
     names = list(rounds[0])
     result["step_ms_median"] = {m: round(median([r[m] for r in rounds]) * 1e3, 2) for m in names}
     result["ratios"] = {f"{a}/{b}": round(median([r[a] / r[b] for r in rounds]), 4)
-                        for a, b in (("srlora_amortized", "peft_lora"), ("srlora_amortized", "lora"),
+                        for a, b in (("srlora_amortized", "peft_lora"), ("srlora_recorded_amortized", "peft_lora"),
+                                     ("srlora_recorded_amortized", "srlora_amortized"), ("srlora_amortized", "lora"),
                                      ("lora", "peft_lora")) if a in names and b in names}
     result["step_ms_rounds"] = [{m: round(t * 1e3, 2) for m, t in r.items()} for r in rounds]
     return result
@@ -199,8 +206,8 @@ def main(cfg: Bf16Config):
         cfg = common.replace(cfg, hidden=256, ffn=688, heads=4, rounds=2, warmup=1, drift_dim=256,
                              drift_switches="1,4,16")
     methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
-    if set(methods) - {"lora", "srlora", "peft_lora"}:
-        raise UserError(f"--methods={cfg.methods}: use any of lora, srlora, peft_lora")
+    if set(methods) - {"lora", "srlora", "srlora_recorded", "peft_lora"}:
+        raise UserError(f"--methods={cfg.methods}: use any of lora, srlora, srlora_recorded, peft_lora")
     if "peft_lora" in methods and not has("peft"):
         methods.remove("peft_lora")
     result = {"benchmark": "bf16", "env": common.environment(device), "config": vars(cfg),
@@ -210,7 +217,7 @@ def main(cfg: Bf16Config):
     result["memory_mib"] = mem = memory(base, cfg, methods)
     if "peft_lora" in mem:
         result["memory_ratios"] = {f"{k}/peft_lora": round(mem[k] / mem["peft_lora"], 4)
-                                   for k in ("srlora", "srlora_compensate", "srlora_fp32_residual")}
+                                   for k in ("srlora", "srlora_recorded", "srlora_compensate", "srlora_fp32_residual")}
     result["step"] = step_time(base, cfg, device, methods)
     del base
     gc.collect()
