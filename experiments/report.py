@@ -12,7 +12,7 @@ from stats import (ablation_runs, alternative_rows, comparable, gap_closed, judg
                    regime_rows, rotation_rows, setting, switch_decisions, switch_interval, switch_stats, synthetic_best,
                    verdict)
 from suites import ABLATION_LABELS, DOCS, LLM_LABELS, RESULTS, SEEDS, SUITES, load, renamed, with_alternative
-from srlora import n_recycle  # after suites, which puts the repository root on the path
+from srlora import SRLoRAConfig, n_recycle  # after suites, which puts the repository root on the path
 
 NAMES = {"lora": "LoRA", "pissa": "PiSSA", "srlora": "SRLoRA", "srlora-relative": "SRLoRA, --score=relative",
          "lora-rt": "LoRA at rank r_target"}
@@ -653,6 +653,69 @@ def llm_setting(suite, runs, base_far, base_english):
     return out
 
 
+# --- the moments default ---
+
+def moments_section():
+    """Adam's second moment of recycled slots kept (the default) or reset: the tweets at r=2 and r=8
+    (the moments suite, 3 seeds), the LLM suite's SRLoRA runs, and the decision the rule gives."""
+    runs = load("moments")
+    title = ["## The moments default: Adam's second moment of a recycled slot, kept or reset", ""]
+    if not runs:
+        return title + [f"Not run yet: `{COMMANDS['moments']}`.", ""]
+    cells = {}
+    for name, run in runs.items():
+        rank, policy, _ = name.split("-", 2)
+        metrics = run["metrics"][0]
+        cells.setdefault((rank, policy), []).append((metrics["dev"]["accuracy"] * 100, metrics["dev_loss"]))
+    config = next(iter(runs.values()))["config"]
+    out = title + [f"Command: `{COMMANDS['moments']}`. SRLoRA on the tweets (task {config['task']}, "
+                   f"{config['max_steps']} steps, the demo's other settings) at r = 2 (r_target 16) and r = 8 "
+                   f"(r_target 64), alpha = r, with `--moments=keep` (the default: the second moment of a recycled "
+                   f"slot stays, a built-in warm-up) or `--moments=reset` (zeroed with the first moment). The rule "
+                   f"the issue set: make reset the default if it is never worse beyond the seed spread and better "
+                   f"somewhere.", "",
+                   "| r | moments | seeds | dev accuracy | dev loss |", "|---|---|---|---|---|"]
+    readings, worse, better = [], [], []
+    for rank in sorted({r for r, _ in cells}, key=lambda r: int(r[1:])):
+        for policy in ("keep", "reset"):
+            xs = cells.get((rank, policy), [])
+            if xs:
+                acc, loss = mean_sd([a for a, _ in xs]), mean_sd([l for _, l in xs])
+                out.append(f"| {rank[1:]} | {policy} | {len(xs)} | {acc[0]:.1f} ± {acc[1]:.1f} | "
+                           f"{loss[0]:.4f} ± {loss[1]:.4f} |")
+        keep, reset = cells.get((rank, "keep"), []), cells.get((rank, "reset"), [])
+        if keep and reset:
+            acc = judged(verdict, [a for a, _ in reset], [a for a, _ in keep], claim_higher=True)
+            loss = judged(verdict, [l for _, l in reset], [l for _, l in keep], claim_higher=False)
+            readings.append(f"- r = {rank[1:]}: reset's higher dev accuracy is **{acc}**; its lower dev loss is "
+                            f"**{loss}**.")
+            for reading, where in ((acc, f"accuracy at r = {rank[1:]}"), (loss, f"dev loss at r = {rank[1:]}")):
+                (better if reading == "confirmed" else worse if reading == "not confirmed" else []).append(where)
+    llm = llm_rows(renamed("llm", LLM_LABELS))
+    if "srlora" in llm and "srlora-reset" in llm:
+        a, b = llm["srlora-reset"]["ppl"], llm["srlora"]["ppl"]
+        reading = judged(verdict, a, b, claim_higher=False)
+        readings.append(f"- The LLM suite (Polish held-out perplexity, lower is better): reset "
+                        f"{mean_sd(a)[0]:.2f} ± {mean_sd(a)[1]:.2f} ({len(a)} seeds) against keep "
+                        f"{mean_sd(b)[0]:.2f} ± {mean_sd(b)[1]:.2f} ({len(b)} seeds): reset's lower perplexity is "
+                        f"**{reading}**.")
+        (better if reading == "confirmed" else worse if reading == "not confirmed" else []).append("the LLM suite")
+    default = SRLoRAConfig().moments
+    enough = all(len(xs) >= 3 for xs in cells.values()) and len(cells) == 4
+    picks = "reset" if better and not worse else "keep"
+    out += ["", "Readings:", ""] + readings + [""]
+    if not enough:
+        out += ["Fewer than 3 seeds in some cell: no decision yet.", ""]
+    else:
+        why = (f"reset is better beyond the spread in {', '.join(better)} and worse nowhere" if picks == "reset" else
+               f"reset is worse beyond the spread in {', '.join(worse)}" if worse else
+               "reset is better nowhere beyond the spread")
+        out += [f"**Decision:** the rule picks `moments=\"{picks}\"` ({why}); the code's default is "
+                f"`moments=\"{default}\"`" + (", as the rule asks." if picks == default else
+                                                ", which the rule does not pick: change one of them."), ""]
+    return out
+
+
 # --- the page ---
 
 def missing_section():
@@ -705,6 +768,7 @@ def write_report():
     if runs:
         lines += suite_section("long-r4", runs, COMMANDS["long-r4"])
     lines += llm_section()
+    lines += moments_section()
     lines += missing_section()
     (DOCS / "RESULTS.md").write_text("\n".join(lines))
     print(f"wrote {DOCS / 'RESULTS.md'}")
