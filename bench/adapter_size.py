@@ -12,9 +12,11 @@ Two parts, both bf16 with random weights (sizes and times do not depend on the v
             weights written by safetensors: all measured files, none computed;
           - load: a fresh apply_srlora (the SVD of W0, svd="auto", randomized at these widths) and
             load_adapter (the replay of the switches), timed; the replayed W checked bit for bit;
+          - a Trainer checkpoint's weights file: the adapter and the importance EMAs (srlora_hf);
           - memory while training: parameters + buffers of the block under SRLoRA with and without
             record_switches' fused_A / fused_B, and under PEFT LoRA (rank r), plus the gradients and
-            AdamW moments of the trainable tensors (3 x their fp32 bytes, the same rule for both).
+            AdamW moments of the trainable tensors (3 x their fp32 bytes, the same rule for both) and,
+            for SRLoRA, the tracker's two EMAs (2 x).
 Then the byte formula per adapted (m x n) layer and its value for LLaMA-2-7B (32 such blocks):
   SRLoRA adapter   4 r_target (m + n)  + 8 r + 24   (A, B and the fused pairs in fp32; indices, next_index)
   PEFT LoRA        4 rank (m + n)                    (its adapters are fp32 on a bf16 base too)
@@ -37,9 +39,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import common
 from bf16 import TARGETS, LlamaBlock
-from srlora import PAPER_TARGETS, apply_srlora as plain_apply, n_recycle, srlora_layers
+from srlora import PAPER_TARGETS, ImportanceTracker, apply_srlora as plain_apply, n_recycle, srlora_layers
 from srlora_export import load_adapter, record_switches, save_adapter
-from srlora_hf import apply_srlora
+from srlora_hf import apply_srlora, tracker_tensors
 
 
 @dataclass
@@ -98,11 +100,12 @@ def switch_all(model, cfg, g):
     return (cfg.r_target - cfg.r) // k
 
 
-def training_bytes(model):
-    """Parameters + buffers, and the gradients and AdamW moments (exp_avg, exp_avg_sq) of what trains."""
+def training_bytes(model, tracker=False):
+    """Parameters + buffers, and the gradients and AdamW moments (exp_avg, exp_avg_sq) of what trains,
+    plus for SRLoRA (tracker=True) the ImportanceTracker's two EMAs per adapter entry."""
     held = tensor_bytes(list(model.parameters()) + list(model.buffers()))
     trainable = tensor_bytes(p for p in model.parameters() if p.requires_grad)
-    return held, held + 3 * trainable
+    return held, held + (5 if tracker else 3) * trainable
 
 
 def block(cfg, tmp):
@@ -115,12 +118,15 @@ def block(cfg, tmp):
     start = time.perf_counter()
     model = wrap()                                                    # the SVD a load repeats
     out["wrap_s"] = round(time.perf_counter() - start, 1)
-    without = training_bytes(model)
+    without = training_bytes(model, tracker=True)
     record_switches(model)
-    with_fused = training_bytes(model)
+    with_fused = training_bytes(model, tracker=True)
     out["switches"] = switch_all(model, cfg, torch.Generator().manual_seed(0))
     save_adapter(model, f"{tmp}/srlora")
     out["srlora_adapter_bytes"] = folder_bytes(f"{tmp}/srlora")
+    # a Trainer checkpoint's weights: the adapter and the tracker's EMAs (srlora_hf.SRLoRACallback)
+    save_adapter(model, f"{tmp}/checkpoint", extra=tracker_tensors(ImportanceTracker(model)))
+    out["srlora_checkpoint_bytes"] = folder_bytes(f"{tmp}/checkpoint")
 
     start = time.perf_counter()
     fresh = wrap()
@@ -144,12 +150,14 @@ def block(cfg, tmp):
     lora_rt, lora_r = out[f"peft_lora_r{cfg.r_target}_bytes"], out[f"peft_lora_r{cfg.r}_bytes"]
     out["adapter_ratios"] = {f"srlora/peft_lora_r{cfg.r_target}": round(out["srlora_adapter_bytes"] / lora_rt, 4),
                              f"srlora/peft_lora_r{cfg.r}": round(out["srlora_adapter_bytes"] / lora_r, 3),
-                             "srlora/block": round(out["srlora_adapter_bytes"] / out["block_bytes"], 4)}
+                             "srlora/block": round(out["srlora_adapter_bytes"] / out["block_bytes"], 4),
+                             f"srlora_checkpoint/peft_lora_r{cfg.r_target}": round(out["srlora_checkpoint_bytes"] / lora_rt, 4),
+                             "srlora_checkpoint/block": round(out["srlora_checkpoint_bytes"] / out["block_bytes"], 4)}
     names = ("srlora_without_fused", "srlora_with_fused", f"peft_lora_r{cfg.r}")
     out["memory_mib"] = {"params_and_buffers": {n: mib(b[0]) for n, b in zip(names, (without, with_fused, peft_r))},
-                         "with_grads_and_adamw": {n: mib(b[1]) for n, b in zip(names, (without, with_fused, peft_r))}}
+                         "with_grads_adamw_and_tracker": {n: mib(b[1]) for n, b in zip(names, (without, with_fused, peft_r))}}
     out["memory_ratios"] = {f"{kind}: {n}/peft_lora_r{cfg.r}": round(b[i] / peft_r[i], 4)
-                            for i, kind in enumerate(("params_and_buffers", "with_grads_and_adamw"))
+                            for i, kind in enumerate(("params_and_buffers", "with_grads_adamw_and_tracker"))
                             for n, b in zip(names[:2], (without, with_fused))}
     return out
 
