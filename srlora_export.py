@@ -127,6 +127,11 @@ def export_lora_adapter(model: nn.Module, path, base, rank: int = None) -> dict:
     adapted = dict(srlora_layers(model))
     if not adapted:
         raise ValueError("model has no SRLoRALinear layers; export the model you called apply_srlora on")
+    kept = [name for name, layer in adapted.items() if hasattr(layer, "base_layer")]
+    if kept:
+        raise ValueError(f"export_lora_adapter: {kept[0]} keeps a quantized W0 (srlora_hf, quantized='keep'), whose "
+                         f"change this export does not write; save the SRLoRA adapter (model.save_pretrained) or the "
+                         f"merged weights (export_merged)")
     if base is model or (isinstance(base, nn.Module) and srlora_layers(base)) or (
             isinstance(base, dict) and any(key.endswith(".lora_A") for key in base)):
         raise ValueError("base is itself an SRLoRA model (apply_srlora changes the model in place); pass "

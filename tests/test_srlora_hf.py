@@ -528,6 +528,9 @@ def test_a_kept_quantized_layer_keeps_its_function_at_every_switch_and_computes_
     x = torch.randn(3, layer.in_features)
     with torch.no_grad():                             # forward = x (W0 + the change + scaling B A)^T
         torch.testing.assert_close(layer(x), x @ layer.effective_weight().T, rtol=0, atol=1e-5)
+    from srlora_export import export_lora_adapter
+    with pytest.raises(ValueError, match=r"^export_lora_adapter: model\.layers\.0\.self_attn\.q_proj keeps a quantized W0"):
+        export_lora_adapter(model, {}, tmp_path / "peft")
 
 
 def test_a_4bit_layer_repacked_by_a_cpu_forward_is_refused_in_one_line(tmp_path):
