@@ -9,10 +9,10 @@
 
 apply_srlora here is srlora.apply_srlora with what a transformers model needs around it: the
 paper's targets for its model_type (targets_for), a one-line refusal of a PeftModel and of a
-target that matches nothing, dequantized bitsandbytes layers, and save_pretrained writing an SRLoRA
-adapter (srlora_export.record_switches / save_adapter): the folder holds what training changed and
-no config.json, so transformers' from_pretrained refuses it rather than load the model without
-the adapter.  The callback does what a hand-written SRLoRA training loop does: it builds the
+target that matches nothing, bitsandbytes bases kept quantized (QuantizedSRLoRALinear), and
+save_pretrained writing an SRLoRA adapter (srlora_export.record_switches / save_adapter): the folder
+holds what training changed, and transformers' and PEFT's own from_pretrained refuse it, naming
+from_pretrained here, rather than load the model without the adapter.  The callback does what a hand-written SRLoRA training loop does: it builds the
 ImportanceTracker, calls tracker.update() once per optimizer step, runs recompose() after the
 optimizer step of every switch step of Eq. (13)-(14), and keeps the tracker's EMAs in every Trainer
 checkpoint.  transformers, peft and bitsandbytes are imported lazily, so importing this module
