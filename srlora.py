@@ -40,7 +40,7 @@ class SRLoRAConfig:
     targets: tuple = field(default_factory=lambda: PAPER_TARGETS["bert"])  # module name suffixes to wrap
     init: str = "pissa"     # "pissa": top-r SVD (SRLoRA, PiSSA); "lora": Kaiming A, zero B
     reset: str = "recycled" # importance reset at a switch: "recycled" (Alg. 1 line 10) or "all" (Sec. 3.1)
-    moments: str = "keep"   # AdamW 2nd moment of recycled slots: "keep" or "reset" (see recompose)
+    moments: str = "reset"  # AdamW 2nd moment of recycled slots: "reset" or "keep" (see recompose)
     svd: str = "auto"       # "full", "lowrank" (randomized, seeded) or "auto" (see top_singular)
     residual_dtype: str = None  # dtype of W and the basis: None keeps the model's (bf16 stays bf16)
 
@@ -421,8 +421,9 @@ def recompose(model: nn.Module, tracker: ImportanceTracker, optimizer=None, laye
              directions owe nothing to the old gradients.
     moments: the second moment (exp_avg_sq).  AdamW keeps one `step` per tensor, so a zeroed one is
              bias-corrected as if old and the slot's first updates are ~(1-b1)/sqrt(1-b2) ~ 3x normal.
-             "keep" leaves it: updates restart at ~(1-b1) of normal and grow, a built-in warm-up.
-             "reset" zeroes it, as for a fresh parameter, and accepts the larger first steps.
+             "reset" (the default) zeroes it, as for a fresh parameter, and accepts the larger first
+             steps; "keep" leaves it: updates restart at ~(1-b1) of normal and grow, a built-in
+             warm-up, which measured worse (docs/RESULTS.md, "The moments default").
     layers:  names of the layers to switch (None: all).  select(tracker, layer, k): the k slots to
              recycle (lowest_scores by default; srlora_switch.py has others).
     Returns one record per layer that switched: layer name, slots, indices fused out and brought in.

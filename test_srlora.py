@@ -492,7 +492,8 @@ def test_bad_arguments_raise_one_line_value_error_naming_the_argument(kwargs, ma
 def test_every_config_field_is_read_by_what_receives_it(field):
     # Each field changed from its default must change the wrapped model, the tracker or a switch.
     other = dict(r=4, alpha=2.0, r_target=16, gamma=1.0, beta1=0.5, beta2=0.5, targets=("query",), init="lora",
-                 reset="all", moments="reset", svd="lowrank", residual_dtype="float64")[field]
+                 reset="all", moments={"keep": "reset", "reset": "keep"}[SRLoRAConfig().moments], svd="lowrank",
+                 residual_dtype="float64")[field]
 
     def outcome(**change):
         model = apply_srlora(Net(), **{"targets": ("query", "value"), "r": 2, "r_target": 8, **change})

@@ -34,8 +34,11 @@ args = SFTConfig("runs/smollm2", max_steps=4, per_device_train_batch_size=2, lea
 trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"text": t} for t in texts]),
                      processing_class=tokenizer, callbacks=[SRLoRACallback()])
 trainer.train()
+# SFTConfig trains under bf16 autocast by default and leaves model.forward wrapped in it: unwrap it,
+# so that the trained model and the reloaded one both compute in fp32
+model = trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
 
-model.save_pretrained("runs/smollm2/adapter")          # the adapter alone, no config.json
+model.save_pretrained("runs/smollm2/adapter")          # the adapter alone
 fresh = from_pretrained(folder, "runs/smollm2/adapter", gguf_file=gguf_file)   # a fresh base, switches replayed
 prompt = tokenizer("def fibonacci(n):", return_tensors="pt").input_ids
 greedy = dict(max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.eos_token_id)

@@ -239,9 +239,10 @@ def regime_section():
         if len(one["momreset"]) > 1:
             m = mean_sd(one["momreset"])
             out[-1] += (f" With Adam's second moment of the recycled slot zeroed as well (`--moments=reset`; the "
-                        f"default keeps it, so a refilled pair smaller than the one before takes smaller steps), "
-                        f"SRLoRA reached {fmt(*m)} ({len(one['momreset'])} seeds) against {fmt(*mean_sd(one['srlora']))} "
-                        f"with the default and PiSSA's {fmt(*mean_sd(one['pissa']))}: higher than the default: "
+                        f"other runs here kept it, `--moments=keep`, so a refilled pair smaller than the one before "
+                        f"takes smaller steps), SRLoRA reached {fmt(*m)} ({len(one['momreset'])} seeds) against "
+                        f"{fmt(*mean_sd(one['srlora']))} with `keep` and PiSSA's {fmt(*mean_sd(one['pissa']))}: higher "
+                        f"than with `keep`: "
                         f"**{judged(verdict, one['momreset'], one['srlora'], claim_higher=True)}**; against PiSSA: "
                         f"**{judged(comparable, one['momreset'], one['pissa']).replace('SRLoRA', 'it')}**.")
         out += [""]
@@ -401,7 +402,7 @@ def cause_readings(stats, runs):
         hm, pm = dynamics.rotation(moments["records"])
         h0, p0 = dynamics.rotation(text0["records"])
         out.append(f"- **(d) The optimizer-moment policy.** Zeroing AdamW's second moment of recycled slots too "
-                   f"(`--moments=reset`, ablations) rotates in {hm} / {pm} switches against {h0} / {p0} with the default "
+                   f"(`--moments=reset`, ablations) rotates in {hm} / {pm} switches against {h0} / {p0} with "
                    f"`keep`. **{'Refuted' if abs(hm - h0) <= NO_CHANGE * p0 else 'Confirmed'}** as a driver "
                    f"(a change of at most {NO_CHANGE:.0%} of the switches counts as none).")
     return out
@@ -656,7 +657,7 @@ def llm_setting(suite, runs, base_far, base_english):
 # --- the moments default ---
 
 def moments_section():
-    """Adam's second moment of recycled slots kept (the default) or reset: the tweets at r=2 and r=8
+    """Adam's second moment of recycled slots kept or reset: the tweets at r=2 and r=8
     (the moments suite, 3 seeds), the LLM suite's SRLoRA runs, and the decision the rule gives."""
     runs = load("moments")
     title = ["## The moments default: Adam's second moment of a recycled slot, kept or reset", ""]
@@ -670,8 +671,8 @@ def moments_section():
     config = next(iter(runs.values()))["config"]
     out = title + [f"Command: `{COMMANDS['moments']}`. SRLoRA on the tweets (task {config['task']}, "
                    f"{config['max_steps']} steps, the demo's other settings) at r = 2 (r_target 16) and r = 8 "
-                   f"(r_target 64), alpha = r, with `--moments=keep` (the default: the second moment of a recycled "
-                   f"slot stays, a built-in warm-up) or `--moments=reset` (zeroed with the first moment). The rule "
+                   f"(r_target 64), alpha = r, with `--moments=keep` (the second moment of a recycled "
+                   f"slot stays, a built-in warm-up; the default before this comparison) or `--moments=reset` (zeroed with the first moment). The rule "
                    f"the issue set: make reset the default if it is never worse beyond the seed spread and better "
                    f"somewhere.", "",
                    "| r | moments | seeds | dev accuracy | dev loss |", "|---|---|---|---|---|"]

@@ -117,6 +117,12 @@ ABLATION_LABELS = {DEFAULT: "default", "gamma0.25": "gamma 0.25", "gamma0.75": "
 RANDOMIZED_BASIS = {"text-long", "vision", "ablations", "small-r", "small-r-relative"}
 
 
+# The committed runs were made when moments="keep" was SRLoRAConfig's default (the moments suite then
+# made "reset" the default): every suite pins it, so that a re-run makes the runs the logs hold.  A
+# run's own --moments comes later on the command line and wins.
+PINNED = ["--moments=keep"]
+
+
 def run_suite(name, extra, only=()):
     """Train every run of suite `name` (or only the named ones), with `extra` flags added, and
     copy its logs to docs/results/<name>/<run>/."""
@@ -125,7 +131,7 @@ def run_suite(name, extra, only=()):
     for run, flags in suite["runs"].items():
         if only and run not in only:
             continue
-        cmd = [sys.executable, suite["script"], *suite["flags"], *flags, *extra,
+        cmd = [sys.executable, suite["script"], *PINNED, *suite["flags"], *flags, *extra,
                f"--out_dir={scratch}", f"--name={run}", "--overwrite", "--plots=false"]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)

@@ -96,8 +96,9 @@ def train(W0, teacher, method, args, lr, seed):
     settings, switch = METHODS[method]
     ranks = {"r": args.r, "r_target": args.r_target}
     cfg = {k: ranks[v] if isinstance(v, str) and v in ranks else v for k, v in settings.items()}
+    # moments="keep": the default when docs/results/synthetic was run (CHOICES.md: the default is "reset" now)
     cfg = {"r": args.r, "alpha": cfg.get("r", args.r), "r_target": args.r_target, "gamma": args.gamma,
-           "svd": "full", **cfg}
+           "svd": "full", "moments": "keep", **cfg}
     if cfg["init"] == "lora" or switch is None:
         cfg["r_target"] = cfg["r"]
     torch.manual_seed(seed)
