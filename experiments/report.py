@@ -708,8 +708,9 @@ def moments_section():
     if not enough:
         out += ["Fewer than 3 seeds in some cell: no decision yet.", ""]
     else:
-        why = (f"reset is better beyond the spread in {', '.join(better)} and worse nowhere" if picks == "reset" else
-               f"reset is worse beyond the spread in {', '.join(worse)}" if worse else
+        listed = lambda xs: ", ".join(xs[:-1]) + " and " + xs[-1] if len(xs) > 1 else xs[0]   # noqa: E731
+        why = (f"reset is better beyond the spread in {listed(better)}, and worse nowhere" if picks == "reset" else
+               f"reset is worse beyond the spread in {listed(worse)}" if worse else
                "reset is better nowhere beyond the spread")
         out += [f"**Decision:** the rule picks `moments=\"{picks}\"` ({why}); the code's default is "
                 f"`moments=\"{default}\"`" + (", as the rule asks." if picks == default else
