@@ -594,6 +594,10 @@ def llm_setting(suite, runs, base_far, base_english):
         else:
             reading = (f"{', '.join(f'{f:.2f}' for f in fractions)} on {len(fractions)} seed"
                        f"{'s' * (len(fractions) > 1)}: no verdict before 3 seeds")
+        pissa_closes = gap_closed(rows, "pissa")
+        if method != "pissa" and len(pissa_closes) >= 3 and mean_sd(pissa_closes)[0] >= mean_sd(fractions)[0]:
+            reading += (f"; but PiSSA(r), with no switches, closes {mean_sd(pissa_closes)[0]:.2f}: what closes this "
+                        f"gap is the SVD start, not the switches")
         out.append(f"- Fraction of the LoRA(r)-LoRA(r_target) held-out perplexity gap that {LLM_NAMES[method]} closes "
                    f"(1: all of it; 0: none; negative: worse than LoRA(r)): {reading}.")
     pissa = gap_closed(rows, "pissa")
@@ -611,12 +615,13 @@ def llm_setting(suite, runs, base_far, base_english):
                        f"{len(fractions)} seed{'s' * (len(fractions) > 1)}: no verdict before 3 seeds")
             out.append(f"- Fraction of the PiSSA(r)-PiSSA(r_target) held-out perplexity gap (same initialisation, "
                        f"the bottleneck recomposition targets) that {LLM_NAMES[method]} closes: {reading}.")
-    if "srlora" in rows and "pissa" in rows:
-        a, b = rows["srlora"]["ppl"], rows["pissa"]["ppl"]
-        out.append(f"- SRLoRA against PiSSA, the comparison that isolates recomposition (same initialisation, data and "
-                   f"rank): {cell(a)} vs {cell(b)}, lower: "
-                   + ("**" + judged(verdict, a, b, claim_higher=False) + "**." if min(len(a), len(b)) > 1
-                      else "one seed, so no verdict."))
+    for method in ("srlora", "srlora-reset"):
+        if method in rows and "pissa" in rows:
+            a, b = rows[method]["ppl"], rows["pissa"]["ppl"]
+            out.append(f"- {LLM_NAMES[method]} against PiSSA(r), the comparison that isolates recomposition (same "
+                       f"initialisation, data and rank): {cell(a)} vs {cell(b)}, lower: "
+                       + ("**" + judged(verdict, a, b, claim_higher=False) + "**." if min(len(a), len(b)) > 1
+                          else "one seed, so no verdict."))
     changes = {m: mean_sd(rows[m]["ppl_english"])[0] - base_english for m in LLM_ROWS if m in rows}
     out.append("- English perplexity against the base model's (forgetting when positive): "
                + ", ".join(f"{LLM_NAMES[m]} {d:+.2f}" for m, d in changes.items())
