@@ -503,9 +503,10 @@ def synthetic_section():
 # --- the LLM suite ---
 
 LLM_NAMES = {"lora": "LoRA(r)", "pissa": "PiSSA(r)", "srlora": "SRLoRA(r, r_target)",
-             "srlora-reset": "SRLoRA(r, r_target), `--moments=reset`", "lora-rt": "LoRA(r_target)",
+             "srlora-reset": "SRLoRA(r, r_target), `--moments=reset`",
+             "srlora-grace1": "SRLoRA(r, r_target), `--moments=reset --grace=1`", "lora-rt": "LoRA(r_target)",
              "pissa-rt": "PiSSA(r_target)"}
-LLM_ROWS = ("lora", "pissa", "srlora", "srlora-reset", "lora-rt", "pissa-rt")
+LLM_ROWS = ("lora", "pissa", "srlora", "srlora-reset", "srlora-grace1", "lora-rt", "pissa-rt")
 
 
 def llm_section():
@@ -582,7 +583,7 @@ def llm_setting(suite, runs, base_far, base_english):
                    f"({mean_sd(b)[0]:.2f} vs {mean_sd(a)[0]:.2f}, {gap / mean_sd(a)[0]:.1%} of LoRA(r)'s): "
                    + ("**" + judged(verdict, b, a, claim_higher=False) + "** (a lower perplexity claimed)."
                       if min(len(a), len(b)) > 1 else "one seed, so no spread to judge it by."))
-    for method in ("srlora", "pissa", "srlora-reset"):
+    for method in ("srlora", "pissa", "srlora-reset", "srlora-grace1"):
         fractions = gap_closed(rows, method)
         if not fractions:
             continue
@@ -607,7 +608,7 @@ def llm_setting(suite, runs, base_far, base_english):
                    "against PiSSA(r_target), the `pissa16` runs"
                    + (f": {cell(rows['pissa']['ppl'])} vs {cell(rows['pissa-rt']['ppl'])}." if "pissa-rt" in rows
                       else " (not run yet)."))
-    for method in ("srlora", "srlora-reset"):
+    for method in ("srlora", "srlora-reset", "srlora-grace1"):
         fractions = gap_closed(rows, method, low="pissa", high="pissa-rt")
         if fractions:
             reading = (f"{mean_sd(fractions)[0]:.2f} ± {mean_sd(fractions)[1]:.2f} over {len(fractions)} seeds"
@@ -615,7 +616,7 @@ def llm_setting(suite, runs, base_far, base_english):
                        f"{len(fractions)} seed{'s' * (len(fractions) > 1)}: no verdict before 3 seeds")
             out.append(f"- Fraction of the PiSSA(r)-PiSSA(r_target) held-out perplexity gap (same initialisation, "
                        f"the bottleneck recomposition targets) that {LLM_NAMES[method]} closes: {reading}.")
-    for method in ("srlora", "srlora-reset"):
+    for method in ("srlora", "srlora-reset", "srlora-grace1"):
         if method in rows and "pissa" in rows:
             a, b = rows[method]["ppl"], rows["pissa"]["ppl"]
             out.append(f"- {LLM_NAMES[method]} against PiSSA(r), the comparison that isolates recomposition (same "
@@ -632,7 +633,7 @@ def llm_setting(suite, runs, base_far, base_english):
         out.append(f"- Forgetting: English perplexity {cell(s)} for SRLoRA against {cell(u)} for LoRA(r_target) "
                    f"(base {base_english:.2f}).")
     for name, run in runs.items():
-        if any(m["method"] == "srlora" for m in run["metrics"]):
+        if any(m["method"] in ("srlora", "srlora-grace1") for m in run["metrics"]):
             layers = dynamics.switches_by_layer(run["records"])
             hits, pairs = dynamics.rotation(run["records"])
             visited = max(max(e["brought_in"]) + 1 for events in layers.values() for e in events)

@@ -86,8 +86,12 @@ LLM_METHODS = {"lora": ["--method=lora"], "lora16": ["--method=lora", "--r=16", 
                "reset": ["--method=srlora", "--moments=reset"],
                # PiSSA at rank r_target: the upper reference with SRLoRA's own initialisation (PiSSA(2) closed most
                # of the LoRA(2)-LoRA(16) gap on seed 0, so that gap is partly LoRA's zero-B start, not rank)
-               "pissa16": ["--method=pissa", "--r=16", "--alpha=16"]}
-LLM_LABELS = {"lora16": "lora-rt", "reset": "srlora-reset", "pissa16": "pissa-rt"}  # run name prefix -> report label
+               "pissa16": ["--method=pissa", "--r=16", "--alpha=16"],
+               # every switch of the runs above recycled the slot refilled at the switch before: with a grace of
+               # one switch a refilled direction stays two intervals (srlora_switch.SlotRule(grace=1))
+               "grace1": ["--method=srlora", "--moments=reset", "--grace=1"]}
+LLM_LABELS = {"lora16": "lora-rt", "reset": "srlora-reset", "pissa16": "pissa-rt",
+              "grace1": "srlora-grace1"}                                  # run name prefix -> report label
 SUITES["llm"] = {"script": "experiments/llm.py", "flags": [],
                  "runs": {f"{m}-seed{s}": [f"--seed={s}", *f] for s in SEEDS for m, f in LLM_METHODS.items()}}
 # The same comparison at a budget only a GPU allows (bench/gpu.sh): 300 steps of 8 x 128 tokens, 3 seeds; LoRA(r),
