@@ -121,12 +121,16 @@ def close(a, b, rel=1e-5):
     return abs(a - b) <= rel * max(abs(a), abs(b))
 
 
+# moments="keep" in three of the four: with "reset" (the default) a recycled slot's zeroed second moment
+# makes its next AdamW steps about 3x normal and nearly sign-like, which blows the 1e-7 differences in
+# reduction order between two ranks and one process up past these tolerances within a few steps (the
+# llama case: weights 5e-6 apart, the same switches).  The first case runs "reset" through FSDP.
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,config,rule", [
     ("net", dict(moments="reset", reset="all"), {}),
-    ("net", {}, dict(score="relative")),
-    ("net16", {}, {}),
-    ("llama", {}, {})])
+    ("net", dict(moments="keep"), dict(score="relative")),
+    ("net16", dict(moments="keep"), {}),
+    ("llama", dict(moments="keep"), {})])
 def test_two_fsdp_ranks_switch_train_and_end_like_one_process(tmp_path, kind, config, rule):
     events, losses, weights, held_one = train(kind, config=config, rule=rule)
     [ranks] = two_ranks(tmp_path, dict(kind=kind, config=config, rule=rule))
