@@ -11,7 +11,7 @@ from plots import (plot_ablations, plot_alternatives, plot_intervals, plot_llm, 
 from stats import (ablation_runs, alternative_rows, comparable, gap_closed, judged, llm_rows, mean_sd, method_table,
                    regime_rows, rotation_rows, setting, switch_decisions, switch_interval, switch_stats, synthetic_best,
                    verdict)
-from suites import ABLATION_LABELS, DOCS, LLM_LABELS, RESULTS, SEEDS, SUITES, load, renamed, with_alternative
+from suites import ABLATION_LABELS, DOCS, LLM_LABELS, RESULTS, SEEDS, SUITES, load, relabel, renamed, with_alternative
 from srlora import SRLoRAConfig, n_recycle  # after suites, which puts the repository root on the path
 
 NAMES = {"lora": "LoRA", "pissa": "PiSSA", "srlora": "SRLoRA", "srlora-relative": "SRLoRA, --score=relative",
@@ -633,7 +633,9 @@ def llm_setting(suite, runs, base_far, base_english):
         out.append(f"- Forgetting: English perplexity {cell(s)} for SRLoRA against {cell(u)} for LoRA(r_target) "
                    f"(base {base_english:.2f}).")
     for name, run in runs.items():
-        if any(m["method"] in ("srlora", "srlora-grace1") for m in run["metrics"]):
+        method = next((m["method"] for m in run["metrics"] if m["method"] in ("srlora", "srlora-grace1")), None)
+        if method:
+            run = relabel(run, method, "srlora")                   # the dynamics read the method "srlora"
             layers = dynamics.switches_by_layer(run["records"])
             hits, pairs = dynamics.rotation(run["records"])
             visited = max(max(e["brought_in"]) + 1 for events in layers.values() for e in events)
@@ -646,6 +648,11 @@ def llm_setting(suite, runs, base_far, base_english):
                        f"{1 / math.comb(config['r'], k):.0%}); of the directions a switch brought in and a later one "
                        f"judged, {stay[1] / judged_n:.0%} were fused out at the very next switch, "
                        f"{switch_interval(run['records'])} steps later.")
+    if "srlora-grace1" in rows and config["r"] == 2 * n_recycle(config["r"], config["gamma"]):
+        out.append("- With a grace of one switch and r' = r / 2, the slots the grace protects are exactly the r' "
+                   "refilled last, so every switch recycles the others: the slots alternate, and every direction, "
+                   "the strongest included, is fused out after two intervals. Churn stops, but the directions that "
+                   "had trained longest go first.")
     out += ["", f"![held-out perplexity against steps](results/{suite}_ppl_steps.png)", "",
             f"![forgetting against learning](results/{suite}_forgetting.png)", ""]
     plot_llm({m: rows[m] for m in LLM_ROWS if m in rows}, {"far": base_far, "english": base_english}, LLM_NAMES,
