@@ -358,8 +358,9 @@ def adapter_state_dict(model: nn.Module, weights: bool = False) -> dict:
 def save_adapter(model: nn.Module, folder, extra: dict = None, weights: bool = False, **info) -> Path:
     """Write adapter_state_dict(model, weights) (and the tensors of `extra`, named TRACKER_PREFIX...) to
     folder/model.safetensors and the SRLoRAConfig, the layer names and the trained parameters' names
-    (with `info`, e.g. base_model_name_or_path) to folder/srlora_config.json.  config.json and adapter_config.json make transformers' and PEFT's
-    from_pretrained refuse the folder, naming the right loader (REFUSALS).  Returns the folder."""
+    (with `info`, e.g. base_model_name_or_path) to folder/srlora_config.json.  config.json and
+    adapter_config.json make transformers' and PEFT's from_pretrained refuse the folder, naming the
+    right loader (REFUSALS).  Returns the folder."""
     folder = Path(folder)
     cfg, state = _common_config(model), adapter_state_dict(model, weights)
     adapted = {name for name, _ in srlora_layers(model)}
