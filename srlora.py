@@ -531,14 +531,18 @@ def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, decompose=None, 
         if tied:
             raise ValueError(f"{name}.weight is tied to {tied[0]}; wrapping it would untie them, so "
                              f"choose targets that do not match {name!r}")
-    model.requires_grad_(False)
-    for _, layer in srlora_layers(model):                 # a second call keeps the first call's adapters trainable
-        layer.lora_A.requires_grad_(True), layer.lora_B.requires_grad_(True)
+    _freeze_but_adapters(model)                           # a second call keeps the first call's adapters trainable
     names = [name for name, _ in found]
     factors = (decompose or pissa_factors)(model, names, cfg) if cfg.init == "pissa" else {}
     for name, m in found:
         _replace(model, name, SRLoRALinear(m, cfg, factors=factors.pop(name, None)))
     return model
+
+
+def _freeze_but_adapters(model: nn.Module) -> None:
+    model.requires_grad_(False)
+    for _, layer in srlora_layers(model):
+        layer.lora_A.requires_grad_(True), layer.lora_B.requires_grad_(True)
 
 
 def pissa_factors(model: nn.Module, names, cfg: SRLoRAConfig) -> dict:

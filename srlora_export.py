@@ -297,8 +297,6 @@ class RecordedSRLoRALinear(SRLoRALinear):
         self.replay()
 
 
-
-
 def record_switches(model: nn.Module) -> nn.Module:
     """Give every SRLoRA layer fused_A / fused_B and the recording recycle() (RecordedSRLoRALinear).
 
@@ -315,12 +313,18 @@ def record_switches(model: nn.Module) -> nn.Module:
         if getattr(layer, "sharded", False):
             raise ValueError(f"record_switches: {name} is sharded by srlora_fsdp; save FSDP runs with "
                              f"srlora_fsdp.save_checkpoint")
-        n = layer.r_target - layer.r
-        layer.register_buffer("fused_A", layer.lora_A.detach().new_zeros(n, layer.in_features))
-        layer.register_buffer("fused_B", layer.lora_B.detach().new_zeros(layer.out_features, n))
-        layer.applied, layer.history = layer.next_index, True
-        extend_layer(layer, RecordedSRLoRALinear, "Recorded")       # in front of compensate's, if any
+        _record(layer)
     return model
+
+
+def _record(layer: SRLoRALinear, add_on: type = RecordedSRLoRALinear, prefix: str = "Recorded") -> None:
+    """One layer's zero fused_A / fused_B, and `add_on` (RecordedSRLoRALinear or a subclass of it) in
+    front of its class, in front of compensate's if any."""
+    n = layer.r_target - layer.r
+    layer.register_buffer("fused_A", layer.lora_A.detach().new_zeros(n, layer.in_features))
+    layer.register_buffer("fused_B", layer.lora_B.detach().new_zeros(layer.out_features, n))
+    layer.applied, layer.history = layer.next_index, True
+    extend_layer(layer, add_on, prefix)
 
 
 def _common_config(model: nn.Module) -> SRLoRAConfig:

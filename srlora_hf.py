@@ -12,10 +12,10 @@ paper's targets for its model_type (targets_for), a one-line refusal of a PeftMo
 target that matches nothing, bitsandbytes bases kept quantized (QuantizedSRLoRALinear), and
 save_pretrained writing an SRLoRA adapter (srlora_export.record_switches / save_adapter): the folder
 holds what training changed, and transformers' and PEFT's own from_pretrained refuse it, naming
-from_pretrained here, rather than load the model without the adapter.  The callback does what a hand-written SRLoRA training loop does: it builds the
-ImportanceTracker, calls tracker.update() once per optimizer step, runs recompose() after the
-optimizer step of every switch step of Eq. (13)-(14), and keeps the tracker's EMAs in every Trainer
-checkpoint.  transformers, peft and bitsandbytes are imported lazily, so importing this module
+from_pretrained here, rather than load the model without the adapter.  The callback does what a
+hand-written SRLoRA training loop does: it builds the ImportanceTracker, calls tracker.update() once
+per optimizer step, runs recompose() after the optimizer step of every switch step of Eq. (13)-(14),
+and keeps the tracker's EMAs in every Trainer checkpoint.  transformers, peft and bitsandbytes are imported lazily, so importing this module
 costs nothing without them.  Depends on srlora.py and srlora_export.py.
 """
 import dataclasses
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 import srlora
 from srlora import (FIRST_MOMENTS, PAPER_TARGETS, SECOND_MOMENTS, ImportanceTracker, SRLoRAConfig, recompose,
                     srlora_layers, switch_steps)
-from srlora_export import (ADAPTER_CONFIG, TRACKER_PREFIX, RecordedSRLoRALinear, load_adapter, read_adapter_config,
-                           record_switches)
+from srlora_export import (ADAPTER_CONFIG, TRACKER_PREFIX, RecordedSRLoRALinear, _record, load_adapter,
+                           read_adapter_config, record_switches)
 from srlora_export import save_adapter as srlora_export_save
 
 
@@ -85,17 +85,14 @@ def apply_srlora(model: nn.Module, config: SRLoRAConfig = None, quantized: str =
         raise ValueError(f"apply_srlora: targets {unmatched} match no module of {type(model).__name__}; {hint}")
     if quantized not in QUANTIZED_ROUTES:
         raise ValueError(f"apply_srlora: quantized={quantized!r} is unknown; use one of {QUANTIZED_ROUTES}")
-    if not record and quantized == "keep" and any(type(m).__name__ in BNB_LINEARS and srlora.matches(name, cfg.targets)
-                                                  for name, m in model.named_modules()):
+    if not record and quantized == "keep" and _bnb_targets(model, cfg):
         raise ValueError("apply_srlora: record=False with quantized='keep': a layer that keeps W0 quantized reads "
                          "W - W0 from the record; pass quantized='dequantize' or record=True")
     kinds = (keep_quantized_targets if quantized == "keep" else dequantize_targets)(model, cfg)
     if any(srlora._wrappable(m) and srlora.matches(name, cfg.targets) for name, m in model.named_modules()):
         srlora.apply_srlora(model, cfg)
     else:                                                   # every target was quantized and is wrapped already
-        model.requires_grad_(False)
-        for _, layer in srlora_layers(model):
-            layer.lora_A.requires_grad_(True), layer.lora_B.requires_grad_(True)
+        srlora._freeze_but_adapters(model)
     if kinds:
         model.srlora_quantized = quantized
     model.srlora_record = record
@@ -252,26 +249,19 @@ def keep_quantized_targets(model: nn.Module, cfg: SRLoRAConfig) -> dict:
     """Wrap every bitsandbytes layer that cfg.targets match as a QuantizedSRLoRALinear, one layer at a
     time (one dense W0 in memory at once).  Returns {name: the bitsandbytes class name}."""
     kept = {}
-    for name, module in list(model.named_modules()):
-        kind = type(module).__name__
-        if kind not in BNB_LINEARS or not srlora.matches(name, cfg.targets):
-            continue
+    for name, module in _bnb_targets(model, cfg):
         layer = srlora.SRLoRALinear(_dense_copy(module), cfg)       # the SVD of the dequantized W0
         del layer.weight                                             # W0 - scaling B A: W0 stays quantized
         layer.register_buffer("init_A", layer.lora_A.detach().clone())
         layer.register_buffer("init_B", layer.lora_B.detach().clone())
-        n = layer.r_target - layer.r
-        layer.register_buffer("fused_A", layer.lora_A.detach().new_zeros(n, layer.in_features))
-        layer.register_buffer("fused_B", layer.lora_B.detach().new_zeros(layer.out_features, n))
-        layer.applied, layer.history = layer.next_index, True
         layer.base_layer = module.requires_grad_(False)
         # bitsandbytes repacks a 4-bit weight for its CPU inference kernel at the first eval forward, which
         # rounds absmax to bf16: W0 would move under the factors decomposed from it, and the adapter
         # would no longer replay onto a fresh load.  Keep the training kernel, whose W0 is the one decomposed.
         module.support_avx512bf16_for_cpu = False
-        layer.__class__ = QuantizedSRLoRALinear
+        _record(layer, QuantizedSRLoRALinear, "Quantized")             # the record, and the class reading it
         srlora._replace(model, name, layer)
-        kept[name] = kind
+        kept[name] = type(module).__name__
     return kept
 
 
@@ -280,12 +270,16 @@ def dequantize_targets(model: nn.Module, cfg: SRLoRAConfig) -> dict:
     holding its dequantized weight (4-bit: in the dtype it was quantized from; 8-bit: fp32), for
     srlora.apply_srlora to wrap.  Returns {name: the bitsandbytes class name} of the layers replaced."""
     replaced = {}
-    for name, module in list(model.named_modules()):
-        kind = type(module).__name__
-        if kind in BNB_LINEARS and srlora.matches(name, cfg.targets):
-            srlora._replace(model, name, _dense_copy(module))
-            replaced[name] = kind
+    for name, module in _bnb_targets(model, cfg):
+        srlora._replace(model, name, _dense_copy(module))
+        replaced[name] = type(module).__name__
     return replaced
+
+
+def _bnb_targets(model: nn.Module, cfg: SRLoRAConfig) -> list:
+    """(name, module) of every bitsandbytes linear layer that cfg.targets match."""
+    return [(name, m) for name, m in model.named_modules()
+            if type(m).__name__ in BNB_LINEARS and srlora.matches(name, cfg.targets)]
 
 
 def _dense_copy(module: nn.Module) -> nn.Linear:
@@ -458,8 +452,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     Trainer checks back.  Returns model, a plain transformers model again."""
     srlora.merge_srlora(model)
     for attribute in ("save_pretrained", "load_state_dict", "print_trainable_parameters", "merge_and_unload",
-                      "srlora_dequantized", "srlora_quantized", "srlora_tracker",
-                      "srlora_record",
+                      "srlora_dequantized", "srlora_quantized", "srlora_tracker", "srlora_record",
                       "_hf_peft_config_loaded"):
         model.__dict__.pop(attribute, None)         # the instance attributes _saves_adapters set
     return model
