@@ -689,7 +689,7 @@ def moments_section():
                    f"the issue set: make reset the default if it is never worse beyond the seed spread and better "
                    f"somewhere.", "",
                    "| r | moments | seeds | dev accuracy | dev loss |", "|---|---|---|---|---|"]
-    readings, worse, better = [], [], []
+    readings, judgements = [], []                         # judgements: (verdict on reset, where)
     for rank in sorted({r for r, _ in cells}, key=lambda r: int(r[1:])):
         for policy in ("keep", "reset"):
             xs = cells.get((rank, policy), [])
@@ -703,8 +703,7 @@ def moments_section():
             loss = judged(verdict, [l for _, l in reset], [l for _, l in keep], claim_higher=False)
             readings.append(f"- r = {rank[1:]}: reset's higher dev accuracy is **{acc}**; its lower dev loss is "
                             f"**{loss}**.")
-            for reading, where in ((acc, f"accuracy at r = {rank[1:]}"), (loss, f"dev loss at r = {rank[1:]}")):
-                (better if reading == "confirmed" else worse if reading == "not confirmed" else []).append(where)
+            judgements += [(acc, f"accuracy at r = {rank[1:]}"), (loss, f"dev loss at r = {rank[1:]}")]
     llm = llm_rows(renamed("llm", LLM_LABELS))
     if "srlora" in llm and "srlora-reset" in llm:
         a, b = llm["srlora-reset"]["ppl"], llm["srlora"]["ppl"]
@@ -713,7 +712,9 @@ def moments_section():
                         f"{mean_sd(a)[0]:.2f} ± {mean_sd(a)[1]:.2f} ({len(a)} seeds) against keep "
                         f"{mean_sd(b)[0]:.2f} ± {mean_sd(b)[1]:.2f} ({len(b)} seeds): reset's lower perplexity is "
                         f"**{reading}**.")
-        (better if reading == "confirmed" else worse if reading == "not confirmed" else []).append("the LLM suite")
+        judgements.append((reading, "the LLM suite"))
+    better = [where for reading, where in judgements if reading == "confirmed"]
+    worse = [where for reading, where in judgements if reading == "not confirmed"]
     default = SRLoRAConfig().moments
     enough = all(len(xs) >= 3 for xs in cells.values()) and len(cells) == 4
     picks = "reset" if better and not worse else "keep"
