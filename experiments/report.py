@@ -507,6 +507,7 @@ LLM_NAMES = {"lora": "LoRA(r)", "pissa": "PiSSA(r)", "srlora": "SRLoRA(r, r_targ
              "srlora-grace1": "SRLoRA(r, r_target), `--moments=reset --grace=1`", "lora-rt": "LoRA(r_target)",
              "pissa-rt": "PiSSA(r_target)"}
 LLM_ROWS = ("lora", "pissa", "srlora", "srlora-reset", "srlora-grace1", "lora-rt", "pissa-rt")
+LLM_SRLORA = ("srlora", "srlora-reset", "srlora-grace1")      # the SRLoRA variants, read against the references
 
 
 def llm_section():
@@ -608,7 +609,7 @@ def llm_setting(suite, runs, base_far, base_english):
                    "against PiSSA(r_target), the `pissa16` runs"
                    + (f": {cell(rows['pissa']['ppl'])} vs {cell(rows['pissa-rt']['ppl'])}." if "pissa-rt" in rows
                       else " (not run yet)."))
-    for method in ("srlora", "srlora-reset", "srlora-grace1"):
+    for method in LLM_SRLORA:
         fractions = gap_closed(rows, method, low="pissa", high="pissa-rt")
         if fractions:
             reading = (f"{mean_sd(fractions)[0]:.2f} ± {mean_sd(fractions)[1]:.2f} over {len(fractions)} seeds"
@@ -616,7 +617,7 @@ def llm_setting(suite, runs, base_far, base_english):
                        f"{len(fractions)} seed{'s' * (len(fractions) > 1)}: no verdict before 3 seeds")
             out.append(f"- Fraction of the PiSSA(r)-PiSSA(r_target) held-out perplexity gap (same initialisation, "
                        f"the bottleneck recomposition targets) that {LLM_NAMES[method]} closes: {reading}.")
-    for method in ("srlora", "srlora-reset", "srlora-grace1"):
+    for method in LLM_SRLORA:
         if method in rows and "pissa" in rows:
             a, b = rows[method]["ppl"], rows["pissa"]["ppl"]
             out.append(f"- {LLM_NAMES[method]} against PiSSA(r), the comparison that isolates recomposition (same "
