@@ -33,7 +33,8 @@ import torch
 
 import common
 from common import median, timed
-from srlora import PAPER_TARGETS, ImportanceTracker, n_recycle, srlora_layers
+from adapter_size import switch_all
+from srlora import PAPER_TARGETS, ImportanceTracker
 import srlora_hf
 
 METHODS = ("peft_qlora", "srlora_keep", "srlora_keep_switched", "srlora_dequantize")
@@ -82,17 +83,8 @@ def wrap(method, folder, cfg):
     model = srlora_hf.apply_srlora(model, r=cfg.r, alpha=float(cfg.r), r_target=cfg.r_target, residual_dtype="bfloat16",
                                    svd="lowrank", quantized=method.removeprefix("srlora_").removesuffix("_switched"))
     if method.endswith("_switched"):
-        switch_all(model, cfg)
+        switch_all(model, cfg, torch.Generator().manual_seed(0))
     return model, ImportanceTracker(model)
-
-
-@torch.no_grad()
-def switch_all(model, cfg):
-    """Every switch of a run, each recycling r' random slots of every layer."""
-    g = torch.Generator().manual_seed(0)
-    for _ in range((cfg.r_target - cfg.r) // n_recycle(cfg.r, 0.5)):
-        for _, layer in srlora_layers(model):
-            layer.recycle(torch.randperm(cfg.r, generator=g)[:n_recycle(cfg.r, 0.5)])
 
 
 def training_bytes(model, tracker) -> dict:
